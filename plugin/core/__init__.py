@@ -1,0 +1,1 @@
+"""Machinery shared by every loraforge method: config base, the composed layer, the driver."""

@@ -1,0 +1,81 @@
+"""Base config of every loraforge method.
+
+Route chosen for PEFT 0.21, whose `PeftType` is a closed enum: every loraforge config is a
+`LoraConfig` subclass. At run time its `peft_type` is `LORA`, so every PEFT code path (injection,
+state-dict filtering, save, merge, `set_adapter`) treats it as LoRA, and our layer is dispatched
+through `LoraConfig._register_custom_module`, re-registered in `__post_init__` because PEFT does not
+persist that mapping. On disk the config is written with `peft_type = "LORAFORGE_<METHOD>"`, and
+`import loraforge` maps that string to the config class in PEFT's config table: with loraforge
+imported, `PeftModel.from_pretrained` rebuilds the right class with all its fields; without it,
+PEFT fails loudly on the unknown type instead of loading the adapter as a plain LoRA.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import ClassVar
+
+from peft import LoraConfig
+from peft.utils import CONFIG_NAME, PeftType
+
+
+class ForgeConfigError(ValueError):
+    """A config field has a value the method cannot use; the message names the field and the fix."""
+
+
+def require(condition: bool, field: str, message: str) -> None:
+    if not condition:
+        raise ForgeConfigError(f"{field}: {message}")
+
+
+@dataclass
+class ForgeConfig(LoraConfig):
+    """A LoRA config whose layers are composed from loraforge's axes (gate, basis, propagation)."""
+
+    method: ClassVar[str] = ""
+
+    @classmethod
+    def saved_peft_type(cls) -> str:
+        return f"LORAFORGE_{cls.method.upper()}"
+
+    def __post_init__(self):
+        super().__post_init__()
+        from .layer import ForgeLinear  # late: the layer module imports this one
+        import torch.nn as nn
+
+        self._register_custom_module({nn.Linear: ForgeLinear})
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse unusable values; subclasses extend it."""
+        require(isinstance(self.r, int) and self.r >= 1, "r", f"must be an integer >= 1, got {self.r!r}")
+
+    def axes(self) -> list[type]:
+        """The per-layer pieces (classes from each method's `layer.py`) this config composes."""
+        return []
+
+    def controllers(self) -> list[type]:
+        """The training-dynamics pieces (classes from each method's `model.py`) this config composes."""
+        return []
+
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        super().save_pretrained(save_directory, **kwargs)
+        path = os.path.join(save_directory, CONFIG_NAME)
+        with open(path) as f:
+            data = json.load(f)
+        data["peft_type"] = self.saved_peft_type()
+        with open(path, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+
+
+def register_config(config_cls: type[ForgeConfig]) -> type[ForgeConfig]:
+    """Make PEFT's loaders map the saved type string back to `config_cls`."""
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    PEFT_TYPE_TO_CONFIG_MAPPING[config_cls.saved_peft_type()] = config_cls
+    return config_cls
+
+
+def is_forge_config(config) -> bool:
+    return isinstance(config, ForgeConfig) and config.peft_type == PeftType.LORA

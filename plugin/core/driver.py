@@ -1,0 +1,224 @@
+"""The one mechanism that drives loraforge's training dynamics.
+
+Every method plugs into the same protocol (`Controller`): an extra loss term, optimizer param
+groups of its own, a schedule that knows the step and the total steps, work right after each
+optimizer step, values to log, and a hook at the end of training. A `Driver` composes the
+controllers of one adapter of one model.
+
+Two things drive a `Driver`:
+- `LoraForgeTrainerMixin` (trainer.py): adds the loss term in `compute_loss`, builds the optimizer
+  with the param groups, tells the total steps, logs.
+- Global torch optimizer step hooks, installed on `import loraforge`: after every `step()` of any
+  optimizer that holds a loraforge adapter's parameters, the driver's `on_step_end` runs. That makes
+  methods that need only post-step work (Delta-LoRA, CoRA) complete under a plain `Trainer`,
+  `SFTTrainer` or a hand-written loop. A method that needs more (SaLoRA's loss term and gate
+  learning rate) declares it in `Controller.needs_trainer`, and the pre-step hook refuses the first
+  update, before any parameter has moved, unless a trainer or `Driver.begin` took charge.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Optional
+
+import torch
+
+from .layer import LIVE_LAYERS, ForgeLinear
+
+
+class Controller:
+    """Training dynamics of one axis for one adapter (the base class does nothing)."""
+
+    #: Why a plain trainer cannot drive this controller, or None if the optimizer hook suffices.
+    needs_trainer: Optional[str] = None
+
+    def __init__(self, driver: "Driver") -> None:
+        self.driver = driver
+
+    @property
+    def layers(self) -> list[ForgeLinear]:
+        return self.driver.layers
+
+    @property
+    def adapter(self) -> str:
+        return self.driver.adapter
+
+    def begin(self, max_steps: Optional[int]) -> None:
+        """Training starts (or resumes at `driver.step`) with `max_steps` optimizer steps in all."""
+
+    def regularization_loss(self) -> Optional[torch.Tensor]:
+        return None
+
+    def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
+        """Param groups with settings of their own; their params leave the trainer's default groups."""
+        return []
+
+    def on_step_end(self, step: int, max_steps: Optional[int]) -> None:
+        """After optimizer step number `step` (1-based) has been applied."""
+
+    def log_values(self) -> dict[str, float]:
+        return {}
+
+    def on_train_end(self, output_dir: Optional[str]) -> None:
+        pass
+
+    def export_metadata(self) -> dict:
+        """What an exported stock adapter should record about this controller's state."""
+        return {}
+
+
+class Driver:
+    """All controllers of one adapter of one model, behind one protocol."""
+
+    def __init__(self, config, adapter: str, layers: list[ForgeLinear]) -> None:
+        self.config = config
+        self.adapter = adapter
+        self.layers = sorted(layers, key=lambda layer: layer.forge_name)
+        self.max_steps: Optional[int] = None
+        self.managed = False  # a trainer (or the user) called `begin`
+        self.controllers = [cls(self) for cls in config.controllers()]
+
+    # state -----------------------------------------------------------------------------------
+    @property
+    def step(self) -> int:
+        return self.layers[0].step_count(self.adapter) if self.layers else 0
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        params = []
+        for layer in self.layers:
+            for name in layer.adapter_layer_names:
+                holder = getattr(layer, name, None)
+                if holder is not None and self.adapter in holder:
+                    item = holder[self.adapter]
+                    params.extend([item] if isinstance(item, torch.nn.Parameter) else item.parameters())
+        return params
+
+    # protocol --------------------------------------------------------------------------------
+    def begin(self, max_steps: Optional[int] = None) -> "Driver":
+        self.max_steps = max_steps
+        self.managed = True
+        for c in self.controllers:
+            c.begin(max_steps)
+        return self
+
+    def regularization_loss(self) -> Optional[torch.Tensor]:
+        terms = [t for t in (c.regularization_loss() for c in self.controllers) if t is not None]
+        return sum(terms[1:], terms[0]) if terms else None
+
+    def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
+        return [g for c in self.controllers for g in c.param_groups(lr, weight_decay)]
+
+    def on_step_end(self) -> None:
+        for layer in self.layers:
+            layer.lora_forge_step[self.adapter].add_(1)
+        step = self.step
+        for c in self.controllers:
+            c.on_step_end(step, self.max_steps)
+
+    def log_values(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for c in self.controllers:
+            out.update(c.log_values())
+        return out
+
+    def on_train_end(self, output_dir: Optional[str] = None) -> None:
+        for c in self.controllers:
+            c.on_train_end(output_dir)
+
+    def export_metadata(self) -> dict:
+        out: dict = {}
+        for c in self.controllers:
+            out.update(c.export_metadata())
+        return out
+
+    def refuse_unmanaged(self) -> None:
+        if self.managed:
+            return
+        reasons = [c.needs_trainer for c in self.controllers if c.needs_trainer]
+        if reasons:
+            name = type(self.config).__name__
+            raise RuntimeError(
+                f"{name} cannot be trained by this trainer: {'; '.join(reasons)}. Use "
+                "loraforge.LoraForgeSFTTrainer in place of trl.SFTTrainer, or loraforge.LoraForgeTrainer in "
+                "place of transformers.Trainer (same arguments). In a hand-written loop call "
+                "loraforge.driver(model).begin(max_steps), add its regularization_loss() to the loss and build "
+                "the optimizer from its optimizer_param_groups(). No parameter has been updated."
+            )
+
+
+def _driver_for(config, adapter: str, layers: list[ForgeLinear]) -> Driver:
+    """The trainer and the optimizer hook must share one Driver; the layers hold it, so it lives
+    exactly as long as the adapter does."""
+    driver = layers[0].forge_drivers.get(adapter)
+    if driver is None or driver.config is not config or {id(x) for x in driver.layers} != {id(x) for x in layers}:
+        driver = Driver(config, adapter, layers)
+        for layer in layers:
+            layer.forge_drivers[adapter] = driver
+    return driver
+
+
+def _group(layers) -> dict[tuple[int, str], tuple]:
+    groups: dict[tuple[int, str], tuple] = {}
+    for layer in layers:
+        for adapter, config in layer.forge_config.items():
+            key = (id(config), adapter)
+            groups.setdefault(key, (config, adapter, []))[2].append(layer)
+    return groups
+
+
+def drivers(model: torch.nn.Module) -> list[Driver]:
+    """The drivers of the trainable (active) loraforge adapters in `model`."""
+    layers = [m for m in model.modules() if isinstance(m, ForgeLinear)]
+    out = []
+    for config, adapter, group in _group(layers).values():
+        if adapter in group[0].active_adapters:
+            out.append(_driver_for(config, adapter, group))
+    return out
+
+
+def driver(model: torch.nn.Module) -> Driver:
+    """The driver of the model's active loraforge adapter (exactly one is expected)."""
+    found = drivers(model)
+    if len(found) != 1:
+        raise ValueError(f"expected one active loraforge adapter in the model, found {len(found)}")
+    return found[0]
+
+
+# optimizer hooks -------------------------------------------------------------------------------
+_OPT_CACHE: "weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _drivers_of_optimizer(optimizer: torch.optim.Optimizer) -> list[Driver]:
+    n_params = sum(len(g["params"]) for g in optimizer.param_groups)
+    cached = _OPT_CACHE.get(optimizer)
+    if cached is not None and cached[0] == n_params and cached[1] == len(LIVE_LAYERS):
+        return cached[2]
+    ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    found = []
+    for config, adapter, group in _group(list(LIVE_LAYERS)).values():
+        d = _driver_for(config, adapter, group)
+        if any(id(p) in ids for p in d.parameters()):
+            found.append(d)
+    _OPT_CACHE[optimizer] = (n_params, len(LIVE_LAYERS), found)
+    return found
+
+
+def _pre_step(optimizer, args, kwargs) -> None:
+    for d in _drivers_of_optimizer(optimizer):
+        d.refuse_unmanaged()
+
+
+@torch.no_grad()
+def _post_step(optimizer, args, kwargs) -> None:
+    for d in _drivers_of_optimizer(optimizer):
+        d.on_step_end()
+
+
+_HOOKS: list = []
+
+
+def install_optimizer_hooks() -> None:
+    if not _HOOKS:
+        from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+        _HOOKS.append(register_optimizer_step_pre_hook(_pre_step))
+        _HOOKS.append(register_optimizer_step_post_hook(_post_step))

@@ -1,0 +1,99 @@
+"""Write any loraforge adapter as a stock PEFT LoRA adapter that plain `peft` loads.
+
+Each layer's update on the ORIGINAL base weight is written as `B' A'` with the scaling folded
+into `B'` and `lora_alpha = r'` per module (scaling exactly 1), so per-module ranks that differ
+(pruned SaLoRA, rank-2r Delta-LoRA) are carried by `rank_pattern` / `alpha_pattern`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+from peft import LoraConfig
+from peft.utils import SAFETENSORS_WEIGHTS_NAME, get_peft_model_state_dict
+from safetensors.torch import save_file
+
+from .driver import drivers
+from .layer import ForgeLinear, _eval_mode
+
+
+@torch.no_grad()
+def stock_factors(layer: ForgeLinear, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B', A') with `B' A'` = the layer's whole update on the original base weight."""
+    with _eval_mode(layer):
+        b, a = layer.factors(adapter)
+    b, a = b.float() * layer.scaling[adapter], a.float()
+    for axis in layer.forge_axes.get(adapter, []):
+        b, a = axis.export_factors(b, a)
+    return b, a
+
+
+def export_lora(model, out_dir: str, adapter: str = "default", dtype: torch.dtype | None = None) -> dict[str, int]:
+    """Write `model`'s loraforge adapter to `out_dir` as a stock PEFT LoRA adapter; return module ranks."""
+    layers = [m for m in model.modules() if isinstance(m, ForgeLinear) and adapter in m.lora_A]
+    if not layers:
+        raise ValueError(f"no loraforge layer holds adapter {adapter!r}: nothing to export")
+    config = layers[0].forge_config[adapter]
+    if config.lora_bias:
+        raise ValueError("lora_bias=True adapters cannot be exported as stock LoRA by loraforge yet")
+    if any(layer.merged for layer in layers):
+        raise ValueError("the adapter is merged into the base weights: call unmerge_adapter() before export")
+    tensors, ranks = {}, {}
+    for layer in layers:
+        b, a = stock_factors(layer, adapter)
+        if b.shape[1] == 0:
+            continue  # every rank pruned: the module keeps its base weight
+        if layer.fan_in_fan_out:
+            raise ValueError(f"{layer.forge_name}: fan_in_fan_out layers are not supported by export_lora")
+        out_dtype = dtype or layer.lora_A[adapter].weight.dtype
+        ranks[layer.forge_name] = b.shape[1]
+        prefix = f"base_model.model.{layer.forge_name}"
+        tensors[f"{prefix}.lora_A.weight"] = a.to(out_dtype).contiguous()
+        tensors[f"{prefix}.lora_B.weight"] = b.to(out_dtype).contiguous()
+    # Modules trained in full (modules_to_save) travel unchanged.
+    for key, value in get_peft_model_state_dict(model, adapter_name=adapter).items():
+        if "lora_" not in key:
+            tensors[key] = value.contiguous()
+    if not ranks:
+        raise ValueError("every rank of every module was pruned: the adapter is the base model itself")
+    default_r = max(set(ranks.values()), key=list(ranks.values()).count)
+    stock = LoraConfig(
+        r=default_r,
+        lora_alpha=default_r,
+        target_modules=sorted(ranks),
+        rank_pattern={k: v for k, v in ranks.items() if v != default_r},
+        alpha_pattern={k: v for k, v in ranks.items() if v != default_r},
+        lora_dropout=0.0,
+        bias="none",
+        modules_to_save=config.modules_to_save,
+        task_type=config.task_type,
+        base_model_name_or_path=config.base_model_name_or_path,
+    )
+    os.makedirs(out_dir, exist_ok=True)
+    stock.save_pretrained(out_dir)
+    save_file(tensors, os.path.join(out_dir, SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
+    meta = {"exported_from": type(config).__name__, "module_ranks": ranks}
+    for d in drivers(model):
+        if d.adapter == adapter:
+            meta.update(d.export_metadata())
+    with open(os.path.join(out_dir, "loraforge_export.json"), "w") as f:
+        json.dump(meta, f, indent=2, sort_keys=True)
+    return ranks
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="loraforge export", description=__doc__.splitlines()[0])
+    parser.add_argument("adapter", help="folder of a saved loraforge adapter")
+    parser.add_argument("--base", required=True, help="base model folder the adapter was trained on")
+    parser.add_argument("--out", required=True, help="folder for the stock PEFT LoRA adapter")
+    args = parser.parse_args(argv)
+    from transformers import AutoModelForCausalLM
+
+    from .io import load_adapter
+
+    model = load_adapter(AutoModelForCausalLM.from_pretrained(args.base), args.adapter)
+    ranks = export_lora(model, args.out)
+    print(f"wrote a stock PEFT LoRA adapter ({len(ranks)} modules, ranks {min(ranks.values())}-{max(ranks.values())}) to {args.out}")
+    return 0

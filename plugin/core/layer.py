@@ -1,0 +1,165 @@
+"""`ForgeLinear`: PEFT's LoRA `Linear` with loraforge's axes composed into it.
+
+An axis is a small per-(layer, adapter) object from a method's `layer.py` that may:
+- give a multiplier on the rank dimension (`rank_gate`: SaLoRA's gate),
+- set how `A` and `B` start and which of them train (`init_factors`: CoRA's basis),
+- add a term to the output and to the merged weight (`extra_output` / `extra_delta`: folded
+  Delta-LoRA).
+The composed forward is `h = W x + s·B diag(g) A x + Σ extra_output(x)`. Axis state that must
+survive save/load lives in `lora_`-prefixed dicts keyed by adapter name, so PEFT's own
+`get_peft_model_state_dict` / `set_peft_model_state_dict` save and restore it with the adapter.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Any, Optional
+
+import torch
+from peft.tuners.lora import Linear as LoraLinear
+from peft.tuners.tuners_utils import BufferDict
+from peft.utils.other import transpose
+
+# Every live ForgeLinear, so that an optimizer hook can find the layers whose parameters it steps.
+LIVE_LAYERS: "weakref.WeakSet[ForgeLinear]" = weakref.WeakSet()
+
+
+class Axis:
+    """Base of the per-layer pieces. Subclasses override only what their axis changes."""
+
+    def __init__(self, layer: "ForgeLinear", adapter: str, config) -> None:
+        self.layer = layer
+        self.adapter = adapter
+        self.config = config
+
+    def init_factors(self) -> None:
+        """Called once after PEFT initialised `lora_A` / `lora_B`."""
+
+    def rank_gate(self) -> Optional[torch.Tensor]:
+        return None
+
+    def extra_output(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        return None
+
+    def extra_delta(self) -> Optional[torch.Tensor]:
+        """Weight-space form of `extra_output` (d_out × d_in), for merge and export."""
+        return None
+
+    def export_factors(self, b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rewrite the scaled factors `(s·B·diag(g), A)` so that `B' A'` is the whole update this axis
+        makes on the ORIGINAL base weight (e.g. drop pruned ranks, append a snapshot)."""
+        return b, a
+
+    def trainable_names(self) -> dict[str, bool]:
+        """`lora_*` attribute name -> whether it trains while this adapter is active."""
+        return {}
+
+    def refresh(self) -> None:
+        """Re-read persisted state (after a load) into whatever the forward caches."""
+
+
+class ForgeLinear(LoraLinear):
+    adapter_layer_names = LoraLinear.adapter_layer_names + ("lora_gate_logits",)
+    other_param_names = LoraLinear.other_param_names + ("lora_forge_step",)
+
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config, **kwargs) -> None:
+        if not hasattr(self, "forge_axes"):
+            self.forge_axes: dict[str, list[Axis]] = {}
+            self.forge_config: dict[str, Any] = {}
+            self.forge_drivers: dict[str, Any] = {}  # adapter -> core.driver.Driver, shared by its layers
+            self.forge_name: str = kwargs.get("target_name") or ""
+            self.lora_forge_step = BufferDict({}, persistent=True)
+            self.lora_gate_logits = torch.nn.ParameterDict({})
+            self.register_load_state_dict_post_hook(lambda module, keys: module.refresh_axes())
+            LIVE_LAYERS.add(self)
+        super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
+        self.forge_config[adapter_name] = config
+        weight = self.lora_A[adapter_name].weight
+        self.lora_forge_step[adapter_name] = torch.zeros((), dtype=torch.long, device=weight.device)
+        axes = [cls(self, adapter_name, config) for cls in config.axes()]
+        self.forge_axes[adapter_name] = axes
+        for axis in axes:
+            axis.init_factors()
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def set_adapter(self, adapter_names, inference_mode: bool = False) -> None:
+        super().set_adapter(adapter_names, inference_mode=inference_mode)
+        # PEFT marks every adapter tensor of the active adapter trainable; axes may freeze some (CoRA's B).
+        active = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for adapter in active:
+            for axis in getattr(self, "forge_axes", {}).get(adapter, []):
+                for name, trains in axis.trainable_names().items():
+                    getattr(self, name)[adapter].requires_grad_(trains and not inference_mode)
+
+    def refresh_axes(self) -> None:
+        for axes in self.forge_axes.values():
+            for axis in axes:
+                axis.refresh()
+
+    def step_count(self, adapter: str) -> int:
+        return int(self.lora_forge_step[adapter])
+
+    def gate_values(self, adapter: str) -> Optional[torch.Tensor]:
+        gate = None
+        for axis in self.forge_axes.get(adapter, []):
+            g = axis.rank_gate()
+            if g is not None:
+                gate = g if gate is None else gate * g
+        return gate
+
+    def factors(self, adapter: str, gate: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B·diag(g), A) of one adapter, gate folded into B (g: the eval-mode gate if not given)."""
+        b = self.lora_B[adapter].weight
+        a = self.lora_A[adapter].weight
+        if gate is None:
+            with _eval_mode(self):
+                gate = self.gate_values(adapter)
+        return (b if gate is None else b * gate.to(b.dtype)), a
+
+    def get_delta_weight(self, adapter) -> torch.Tensor:
+        b, a = self.factors(adapter)
+        compute_dtype = torch.float32 if b.dtype in (torch.float16, torch.bfloat16) and b.device.type == "cpu" else b.dtype
+        delta = (b.to(compute_dtype) @ a.to(compute_dtype)) * self.scaling[adapter]
+        for axis in self.forge_axes.get(adapter, []):
+            extra = axis.extra_delta()
+            if extra is not None:
+                delta = delta + extra.to(compute_dtype)
+        return transpose(delta, self.fan_in_fan_out).to(b.dtype)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None:
+            if kwargs.get("adapter_names") is not None:
+                raise NotImplementedError("loraforge layers do not support mixed-adapter batches (adapter_names=...)")
+            return super().forward(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        result_dtype = result.dtype
+        for adapter in self.active_adapters:
+            if adapter not in self.lora_A:
+                continue
+            lora_a, lora_b = self.lora_A[adapter], self.lora_B[adapter]
+            xa = self._cast_input_dtype(x, lora_a.weight.dtype)
+            hidden = lora_a(self.lora_dropout[adapter](xa))
+            gate = self.gate_values(adapter)
+            if gate is not None:
+                hidden = hidden * gate.to(hidden.dtype)
+            result = result + lora_b(hidden) * self.scaling[adapter]
+            for axis in self.forge_axes.get(adapter, []):
+                extra = axis.extra_output(xa)
+                if extra is not None:
+                    result = result + extra
+        return result.to(result_dtype)
+
+    def __repr__(self) -> str:
+        return "loraforge." + super().__repr__()
+
+
+class _eval_mode:
+    """Temporarily put a layer in eval mode (deterministic gates) for merge and export."""
+
+    def __init__(self, layer: torch.nn.Module) -> None:
+        self.layer, self.was_training = layer, layer.training
+
+    def __enter__(self):
+        self.layer.train(False)
+
+    def __exit__(self, *exc):
+        self.layer.train(self.was_training)

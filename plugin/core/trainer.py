@@ -1,0 +1,105 @@
+"""Trainer classes that drive loraforge adapters: a mixin and ready `Trainer` / `SFTTrainer` classes.
+
+The mixin adds the methods' loss terms in `compute_loss` (TRL's `SFTTrainer` computes its loss
+itself and ignores the model's `outputs.loss`, so a term added inside the forward would be lost),
+builds the optimizer with the methods' own param groups, tells the methods the total number of
+steps when training begins, and merges their values into the trainer's logs. The work after each
+optimizer step runs from the optimizer hook that every loraforge adapter shares (driver.py), so it
+happens exactly once per optimizer step whatever the gradient accumulation.
+"""
+from __future__ import annotations
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from .driver import Driver, drivers
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model
+
+
+class _ForgeCallback(TrainerCallback):
+    def __init__(self, trainer: "LoraForgeTrainerMixin") -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        for d in self.trainer.forge_drivers():
+            if d.step != state.global_step:
+                raise RuntimeError(
+                    f"the adapter has taken {d.step} optimizer steps but the trainer resumes at step "
+                    f"{state.global_step}: resume from the checkpoint folder that holds this adapter state"
+                )
+            d.begin(state.max_steps)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for d in self.trainer.forge_drivers():
+            d.on_train_end(args.output_dir)
+
+
+class LoraForgeTrainerMixin:
+    """Put before a `transformers.Trainer` subclass: `class T(LoraForgeTrainerMixin, SomeTrainer)`."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.add_callback(_ForgeCallback(self))
+
+    def forge_drivers(self) -> list[Driver]:
+        return drivers(_unwrap(self.model))
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is not None:
+            return self.optimizer
+        opt_model = self.model if model is None else model
+        special = [g for d in self.forge_drivers() for g in d.param_groups(self.args.learning_rate, self.args.weight_decay)]
+        if not special:
+            return super().create_optimizer(model) if model is not None else super().create_optimizer()
+        taken = {id(p) for g in special for p in g["params"]}
+        decay = set(self.get_decay_parameter_names(opt_model))
+        named = [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad and id(p) not in taken]
+        groups = [
+            {"params": [p for n, p in named if n in decay], "weight_decay": self.args.weight_decay},
+            {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
+            *special,
+        ]
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        self.optimizer = optimizer_cls([g for g in groups if g["params"]], **optimizer_kwargs)
+        return self.optimizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        if not model.training:
+            return out
+        loss, outputs = out if return_outputs else (out, None)
+        for d in self.forge_drivers():
+            reg = d.regularization_loss()
+            if reg is not None:
+                loss = loss + reg * self._per_micro_batch_weight(num_items_in_batch)
+        return (loss, outputs) if return_outputs else loss
+
+    def _per_micro_batch_weight(self, num_items_in_batch) -> float:
+        """Weight that makes the regulariser count once per optimizer step, not once per micro-batch.
+
+        `training_step` divides the loss by the accumulation steps unless the loss was already
+        normalised over the whole accumulated batch; in that case the division is ours to do.
+        """
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)
+        if scaled is None:
+            scaled = (getattr(self, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None) or (
+                getattr(self, "compute_loss_func", None) is not None
+            )
+        steps = getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
+        return 1.0 / steps if scaled else 1.0
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if "loss" in logs:
+            for d in self.forge_drivers():
+                logs.update({k: round(v, 6) for k, v in d.log_values().items()})
+        super().log(logs, *args, **kwargs)
+
+
+class LoraForgeTrainer(LoraForgeTrainerMixin, Trainer):
+    """`transformers.Trainer` that drives loraforge adapters."""
+

@@ -1,0 +1,120 @@
+"""Tiny offline models, tokenizer and data for tests, benchmarks and the offline demo.
+
+Nothing here downloads anything: the model is a randomly initialised Llama-shaped network and the
+tokenizer is a byte-level BPE trained in-process on the shipped instruction set.
+"""
+from __future__ import annotations
+
+import functools
+import json
+from importlib import resources
+
+import torch
+
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
+
+
+def alpaca_records() -> list[dict]:
+    """The project's own Alpaca-style instruction set (instruction / input / output)."""
+    text = resources.files("loraforge.data").joinpath("alpaca_mini.jsonl").read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer_json(vocab_size: int) -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    corpus = [" ".join(r.values()) for r in alpaca_records()]
+    tok.train_from_iterator(corpus, trainer=trainer)
+    return tok.to_str()
+
+
+def tiny_tokenizer(vocab_size: int = 512):
+    """A `PreTrainedTokenizerFast` with pad/bos/eos set and a minimal chat template."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_tokenizer_json(vocab_size)),
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+    )
+    tok.chat_template = (
+        "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+        "{% if add_generation_prompt %}<s>assistant: {% endif %}"
+    )
+    return tok
+
+
+def tiny_llama_config(vocab_size: int = 512, hidden: int = 64, layers: int = 2, **overrides):
+    from transformers import LlamaConfig
+
+    cfg = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    cfg.update(overrides)
+    return LlamaConfig(**cfg)
+
+
+def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, **config_overrides):
+    """A randomly initialised Llama-shaped causal LM (about 0.1 M parameters by default)."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_llama_config(**config_overrides))
+    return model.to(dtype)
+
+
+def save_tiny_model(path, seed: int = 0, **config_overrides) -> str:
+    """Write a tiny Llama and its tokenizer as a model folder that `from_pretrained` loads."""
+    model = tiny_llama(seed=seed, **config_overrides)
+    model.save_pretrained(path)
+    tiny_tokenizer(model.config.vocab_size).save_pretrained(path)
+    return str(path)
+
+
+def alpaca_text(record: dict) -> str:
+    """The Alpaca prompt template (with or without input) followed by the response."""
+    if record.get("input"):
+        head = (
+            "Below is an instruction that describes a task, paired with an input that provides further context. "
+            "Write a response that appropriately completes the request.\n\n"
+            f"### Instruction:\n{record['instruction']}\n\n### Input:\n{record['input']}\n\n### Response:\n"
+        )
+    else:
+        head = (
+            "Below is an instruction that describes a task. Write a response that appropriately completes the "
+            f"request.\n\n### Instruction:\n{record['instruction']}\n\n### Response:\n"
+        )
+    return head + record["output"]
+
+
+def lm_dataset(tokenizer, records: list[dict], max_length: int = 64):
+    """A `datasets.Dataset` of input_ids / attention_mask / labels, padded to `max_length`."""
+    from datasets import Dataset
+
+    enc = tokenizer([alpaca_text(r) + tokenizer.eos_token for r in records], truncation=True,
+                    max_length=max_length, padding="max_length")
+    labels = [[t if m else -100 for t, m in zip(ids, mask)] for ids, mask in zip(enc["input_ids"], enc["attention_mask"])]
+    return Dataset.from_dict({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels})

@@ -1,0 +1,42 @@
+"""Fixtures shared by all tests: tiny offline models, tokenizer and data (see loraforge.testing)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_DISABLED", "true")
+
+import loraforge  # noqa: E402,F401  (registers configs and hooks before any test builds a model)
+from loraforge import testing  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+@pytest.fixture
+def tiny_model():
+    return testing.tiny_llama(seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return testing.tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def alpaca_records():
+    return testing.alpaca_records()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    return testing.save_tiny_model(tmp_path_factory.mktemp("tiny_model"))
+
+
+@pytest.fixture
+def lm_dataset(tiny_tokenizer, alpaca_records):
+    """A tokenised causal-LM dataset (input_ids / labels) of 64 short Alpaca records."""
+    return testing.lm_dataset(tiny_tokenizer, alpaca_records[:64])

@@ -1,0 +1,152 @@
+"""The driving protocol, checked with a probe adapter that uses every hook."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from peft import get_peft_model
+from transformers import Trainer, TrainingArguments
+
+import loraforge
+from loraforge.core.config import ForgeConfig
+from loraforge.core.driver import Controller
+from loraforge.core.layer import Axis
+
+
+class ProbeAxis(Axis):
+    """Scales each rank by a trainable per-rank parameter stored in `lora_gate_logits`."""
+
+    def init_factors(self):
+        r = self.layer.r[self.adapter]
+        self.layer.lora_gate_logits[self.adapter] = torch.nn.Parameter(torch.ones(r))
+
+    def rank_gate(self):
+        return self.layer.lora_gate_logits[self.adapter]
+
+
+class ProbeController(Controller):
+    loss_weight = 0.5
+    group_lr = 0.123
+
+    def __init__(self, driver):
+        super().__init__(driver)
+        self.steps_seen: list[int] = []
+        self.max_steps_seen = None
+
+    def begin(self, max_steps):
+        self.max_steps_seen = max_steps
+
+    def gates(self):
+        return [layer.lora_gate_logits[self.adapter] for layer in self.layers]
+
+    def regularization_loss(self):
+        return self.loss_weight * sum((g ** 2).sum() for g in self.gates())
+
+    def param_groups(self, lr, weight_decay):
+        return [{"params": self.gates(), "lr": self.group_lr, "weight_decay": 0.0, "name": "probe"}]
+
+    def on_step_end(self, step, max_steps):
+        self.steps_seen.append(step)
+
+    def log_values(self):
+        return {"probe/steps": float(len(self.steps_seen))}
+
+
+@dataclass
+class ProbeConfig(ForgeConfig):
+    method = "probe"
+
+    def axes(self):
+        return [ProbeAxis]
+
+    def controllers(self):
+        return [ProbeController]
+
+
+class RefusingController(ProbeController):
+    needs_trainer = "the probe needs its loss term"
+
+
+@dataclass
+class RefusingProbeConfig(ProbeConfig):
+    def controllers(self):
+        return [RefusingController]
+
+
+def _args(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=6, learning_rate=1e-3,
+                logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True)
+    base.update(kw)
+    return TrainingArguments(**base)
+
+
+def test_every_hook_runs_once_per_optimizer_step_with_accumulation(tmp_path, tiny_model, lm_dataset):
+    model = get_peft_model(tiny_model, ProbeConfig(target_modules=["q_proj", "v_proj"]))
+    trainer = loraforge.LoraForgeTrainer(model=model, args=_args(tmp_path, gradient_accumulation_steps=4),
+                                         train_dataset=lm_dataset)
+    trainer.train()
+    d = loraforge.driver(model)
+    probe = d.controllers[0]
+    assert probe.steps_seen == [1, 2, 3, 4, 5, 6]  # post-step ran once per optimizer step, not per micro-batch
+    assert probe.max_steps_seen == 6
+    assert d.step == 6
+    groups = [g for g in trainer.optimizer.param_groups if g.get("name") == "probe"]
+    assert len(groups) == 1 and groups[0]["initial_lr"] == pytest.approx(0.123)
+    gate_ids = {id(p) for p in probe.gates()}
+    others = [p for g in trainer.optimizer.param_groups if g.get("name") != "probe" for p in g["params"]]
+    assert not gate_ids & {id(p) for p in others}  # the probe's params left the default groups
+    logged = [h for h in trainer.state.log_history if "probe/steps" in h]
+    assert [h["probe/steps"] for h in logged] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+
+
+def test_loss_term_reaches_the_gradient_once_per_step(tmp_path, tiny_model, lm_dataset):
+    """With lr 0 for everything but the probe and a huge regulariser, the probe's gradient is
+    d/dg (w·Σg²) = 2·w·g exactly once per optimizer step, whatever the accumulation."""
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_model, ProbeConfig(target_modules=["q_proj"]))
+    grads = []
+    trainer = loraforge.LoraForgeTrainer(
+        model=model, args=_args(tmp_path, gradient_accumulation_steps=4, max_steps=1, max_grad_norm=0.0),
+        train_dataset=lm_dataset)
+    from transformers import TrainerCallback
+
+    class Grab(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kw):
+            grads.extend(l.lora_gate_logits["default"].grad.clone() for l in loraforge.driver(model).layers)
+
+    trainer.add_callback(Grab())
+    # B = 0 at init, so the task loss has no gradient w.r.t. the probe: only the term reaches it.
+    trainer.train()
+    for g in grads:
+        torch.testing.assert_close(g, torch.full_like(g, 2 * 0.5 * 1.0))
+
+
+def test_plain_trainer_refuses_a_method_that_needs_the_mixin(tmp_path, tiny_model, lm_dataset):
+    model = get_peft_model(tiny_model, RefusingProbeConfig(target_modules=["q_proj"]))
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=lm_dataset)
+    with pytest.raises(RuntimeError, match="LoraForgeSFTTrainer.*No parameter has been updated"):
+        trainer.train()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p, before[n], rtol=0, atol=0)
+
+
+def test_plain_trainer_drives_post_step_work(tmp_path, tiny_model, lm_dataset):
+    model = get_peft_model(tiny_model, ProbeConfig(target_modules=["q_proj"]))
+    Trainer(model=model, args=_args(tmp_path, gradient_accumulation_steps=2), train_dataset=lm_dataset).train()
+    assert loraforge.driver(model).controllers[0].steps_seen == [1, 2, 3, 4, 5, 6]
+
+
+def test_hand_written_loop(tiny_model, lm_dataset):
+    model = get_peft_model(tiny_model, RefusingProbeConfig(target_modules=["q_proj"]))
+    d = loraforge.driver(model).begin(max_steps=3)
+    opt = torch.optim.SGD(d.param_groups(0.1, 0.0), lr=0.1)
+    batch = {k: torch.tensor(lm_dataset[:4][k]) for k in ("input_ids", "attention_mask", "labels")}
+    for _ in range(3):
+        loss = model(**batch).loss + d.regularization_loss()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert d.controllers[0].steps_seen == [1, 2, 3]
