@@ -86,3 +86,30 @@ def test_hand_written_loop(tiny_model, lm_dataset):
         opt.step()
         opt.zero_grad()
     assert d.controllers[0].steps_seen == [1, 2, 3]
+
+
+def test_resume_continues_the_step_count_and_refuses_a_mismatched_adapter(tmp_path, lm_dataset):
+    from loraforge.testing import tiny_llama
+
+    def make():
+        return get_peft_model(tiny_llama(), ProbeConfig(target_modules=["q_proj"]))
+
+    args = _args(tmp_path, max_steps=4, save_strategy="steps", save_steps=2, gradient_accumulation_steps=2)
+    full = make()
+    loraforge.LoraForgeTrainer(model=full, args=args, train_dataset=lm_dataset).train()
+
+    resumed = make()
+    trainer = loraforge.LoraForgeTrainer(model=resumed, args=args, train_dataset=lm_dataset)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    d = loraforge.driver(resumed)
+    assert d.step == 4 and d.controllers[0].steps_seen == [3, 4]
+    for a, b in zip(loraforge.driver(full).parameters(), d.parameters()):
+        torch.testing.assert_close(a, b)
+
+    # An adapter whose step state says 4 cannot silently continue a run that the trainer says is at 2.
+    stale = make()
+    for layer in loraforge.driver(stale).layers:
+        layer.lora_forge_step["default"].fill_(4)
+    trainer = loraforge.LoraForgeTrainer(model=stale, args=_args(tmp_path / "x", max_steps=2), train_dataset=lm_dataset)
+    with pytest.raises(RuntimeError, match="has taken 4 optimizer steps but the trainer resumes at step 0"):
+        trainer.train()
