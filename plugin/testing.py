@@ -95,19 +95,10 @@ def save_tiny_model(path, seed: int = 0, **config_overrides) -> str:
 
 
 def alpaca_text(record: dict) -> str:
-    """The Alpaca prompt template (with or without input) followed by the response."""
-    if record.get("input"):
-        head = (
-            "Below is an instruction that describes a task, paired with an input that provides further context. "
-            "Write a response that appropriately completes the request.\n\n"
-            f"### Instruction:\n{record['instruction']}\n\n### Input:\n{record['input']}\n\n### Response:\n"
-        )
-    else:
-        head = (
-            "Below is an instruction that describes a task. Write a response that appropriately completes the "
-            f"request.\n\n### Instruction:\n{record['instruction']}\n\n### Response:\n"
-        )
-    return head + record["output"]
+    """The Alpaca prompt (the same one evaluation uses) followed by the response."""
+    from .eval.prompts import alpaca_prompt
+
+    return alpaca_prompt(record["instruction"], record.get("input", "")) + record["output"]
 
 
 def lm_dataset(tokenizer, records: list[dict], max_length: int = 64):

@@ -57,9 +57,9 @@ def adapter_config(block: dict):
 
 
 def alpaca_prompt(record: dict) -> str:
-    from .testing import alpaca_text
+    from .eval.prompts import alpaca_prompt as template
 
-    return alpaca_text({**record, "output": ""})
+    return template(record["instruction"], record.get("input", ""))
 
 
 def load_records(path: str | None) -> list[dict]:
