@@ -2,6 +2,7 @@
 
 Keys (all optional but `adapter`; with no config at all the shipped quickstart runs):
   model: local folder or hub id (null: the embedded SmolLM2-135M-Instruct)
+  dtype: float32 (default) | bfloat16 | float16: the dtype the base weights are loaded in
   data: a .json/.jsonl file of Alpaca records {instruction, input, output} (null: the shipped set)
   max_length: tokens per example (default 256)
   adapter: {method: salora | delta_lora | cora, ...fields of that method's config}
@@ -18,7 +19,8 @@ from pathlib import Path
 
 import yaml
 
-TOP_KEYS = {"model", "data", "max_length", "adapter", "training"}
+TOP_KEYS = {"model", "dtype", "data", "max_length", "adapter", "training"}
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 class TrainConfigError(ValueError):
@@ -34,6 +36,8 @@ def load_config(path: str | None) -> dict:
     unknown = set(cfg) - TOP_KEYS
     if unknown:
         raise TrainConfigError(f"unknown top-level key(s) {sorted(unknown)}; allowed: {sorted(TOP_KEYS)}")
+    if cfg.get("dtype", "float32") not in DTYPES:
+        raise TrainConfigError(f"dtype: {cfg['dtype']!r} is not one of {list(DTYPES)}")
     if not isinstance(cfg.get("adapter"), dict) or "method" not in cfg["adapter"]:
         raise TrainConfigError("adapter: a block with `method: salora | delta_lora | cora` is required")
     return cfg
@@ -105,7 +109,7 @@ def run(cfg: dict) -> str:
     tok = AutoTokenizer.from_pretrained(model_path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, cfg.get("dtype") or "float32"))
     dataset = build_dataset(load_records(cfg.get("data")), tok.eos_token)
     trainer = LoraForgeSFTTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=tok, peft_config=peft_config

@@ -101,3 +101,12 @@ print(float((got - exp).abs().max()))
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert float(out.stdout.strip().splitlines()[-1]) < 1e-5
+
+
+def test_layers_loraforge_cannot_adapt_are_refused_not_trained_as_plain_lora():
+    from loraforge.core.config import ForgeConfigError
+
+    with pytest.raises(ForgeConfigError, match="target_modules: model.embed_tokens is a Embedding"):
+        get_peft_model(tiny_llama(), ProbeConfig(target_modules=["q_proj", "embed_tokens"]))
+    with pytest.raises(ForgeConfigError, match="use_dora"):
+        ProbeConfig(target_modules=["q_proj"], use_dora=True)

