@@ -10,6 +10,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_DISABLED", "true")
 
+import torch  # noqa: E402
+
+# Tiny models are dominated by per-op overhead; one thread avoids OpenMP contention between the
+# test process and the 2-process DDP workers on a 2-core machine.
+torch.set_num_threads(1)
+
 import loraforge  # noqa: E402,F401  (registers configs and hooks before any test builds a model)
 from loraforge import testing  # noqa: E402
 

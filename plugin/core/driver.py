@@ -30,6 +30,11 @@ class Controller:
 
     #: Why a plain trainer cannot drive this controller, or None if the optimizer hook suffices.
     needs_trainer: Optional[str] = None
+    #: Whether it works when FSDP / DeepSpeed ZeRO-3 keep only a shard of each weight on a rank. None:
+    #: inferred: a controller with work of its own (`__init__`, `begin`, `regularization_loss`,
+    #: `on_step_end`) reads whole adapter or base weights outside the model's forward, where sharded
+    #: weights are shards (see `sharded_weight`).
+    supports_sharded_weights: Optional[bool] = None
 
     def __init__(self, driver: "Driver") -> None:
         self.driver = driver
@@ -75,6 +80,8 @@ class Driver:
         self.layers = sorted(layers, key=lambda layer: layer.forge_name)
         self.max_steps: Optional[int] = None
         self.managed = False  # a trainer (or the user) called `begin`
+        self.controllers: list[Controller] = []
+        self.refuse_sharded()  # before the controllers: some read weights when they are created
         self.controllers = [cls(self) for cls in config.controllers()]
 
     # state -----------------------------------------------------------------------------------
@@ -83,17 +90,11 @@ class Driver:
         return self.layers[0].step_count(self.adapter) if self.layers else 0
 
     def parameters(self) -> list[torch.nn.Parameter]:
-        params = []
-        for layer in self.layers:
-            for name in layer.adapter_layer_names:
-                holder = getattr(layer, name, None)
-                if holder is not None and self.adapter in holder:
-                    item = holder[self.adapter]
-                    params.extend([item] if isinstance(item, torch.nn.Parameter) else item.parameters())
-        return params
+        return [p for layer in self.layers for p in _adapter_parameters(layer, self.adapter)]
 
     # protocol --------------------------------------------------------------------------------
     def begin(self, max_steps: Optional[int] = None) -> "Driver":
+        self.refuse_sharded()  # the model may have been sharded since the driver was made
         self.max_steps = max_steps
         self.managed = True
         for c in self.controllers:
@@ -130,6 +131,22 @@ class Driver:
             out.update(c.export_metadata())
         return out
 
+    def refuse_sharded(self) -> None:
+        """Refuse, before any update, controllers that need whole weights when the weights are sharded."""
+        needing = [cls for cls in self.config.controllers() if _reads_whole_weights(cls)]
+        where = sharded_weight(self.layers, self.adapter) if needing else None
+        if where is None:
+            return
+        raise RuntimeError(
+            f"{type(self.config).__name__} cannot train with sharded weights: {where}. Its "
+            f"{', '.join(cls.__name__ for cls in needing)} reads whole adapter or base weights outside the model's "
+            "forward (e.g. Delta-LoRA's snapshot and its update of W, SaLoRA's regulariser and λ), and FSDP "
+            "(FULL_SHARD / SHARD_GRAD_OP / HYBRID_SHARD, fully_shard) and DeepSpeed ZeRO-3 keep only a shard of each "
+            "weight on a rank there. Train with DDP (accelerate launch --multi_gpu), FSDP with "
+            "sharding_strategy=NO_SHARD, or DeepSpeed ZeRO stage 1 or 2, which keep whole weights on every rank. "
+            "No parameter has been updated."
+        )
+
     def refuse_unmanaged(self) -> None:
         if self.managed:
             return
@@ -141,8 +158,51 @@ class Driver:
                 "loraforge.LoraForgeSFTTrainer in place of trl.SFTTrainer, or loraforge.LoraForgeTrainer in "
                 "place of transformers.Trainer (same arguments). In a hand-written loop call "
                 "loraforge.driver(model).begin(max_steps), add its regularization_loss() to the loss and build "
-                "the optimizer from its optimizer_param_groups(). No parameter has been updated."
+                "the optimizer from its param_groups(lr, weight_decay). No parameter has been updated."
             )
+
+
+def _adapter_parameters(layer: ForgeLinear, adapter: str) -> list[torch.nn.Parameter]:
+    params = []
+    for name in layer.adapter_layer_names:
+        holder = getattr(layer, name, None)
+        if holder is not None and adapter in holder:
+            item = holder[adapter]
+            params.extend([item] if isinstance(item, torch.nn.Parameter) else item.parameters())
+    return params
+
+
+def _reads_whole_weights(cls: type) -> bool:
+    if cls.supports_sharded_weights is not None:
+        return not cls.supports_sharded_weights
+    hooks = ("__init__", "begin", "regularization_loss", "on_step_end")
+    return any(getattr(cls, h) is not getattr(Controller, h) for h in hooks)
+
+
+def sharded_weight(layers: list[ForgeLinear], adapter: str) -> Optional[str]:
+    """Where a rank holds only part of an adapted layer's weight (None: every weight is whole).
+
+    FSDP2 (`fully_shard`) makes parameters DTensors; DeepSpeed ZeRO-3 marks partitioned ones with
+    `ds_id`; FSDP1 replaces them, outside its forward, by 1-D views of a flat shard, so a weight
+    whose shape is not its layer's shape is a shard."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        DTensor = ()
+    for layer in layers:
+        d_out, d_in, r = layer.out_features, layer.in_features, layer.r[adapter]
+        base = (d_in, d_out) if layer.fan_in_fan_out else (d_out, d_in)
+        for name, t, shape in (("base_layer.weight", layer.get_base_layer().weight, base),
+                               (f"lora_A.{adapter}.weight", layer.lora_A[adapter].weight, (r, d_in)),
+                               (f"lora_B.{adapter}.weight", layer.lora_B[adapter].weight, (d_out, r))):
+            what = f"{layer.forge_name}.{name}"
+            if isinstance(t, DTensor):
+                return f"{what} is a DTensor with placements {tuple(t.placements)} (FSDP2 / tensor parallel)"
+            if hasattr(t, "ds_id"):
+                return f"{what} is partitioned by DeepSpeed ZeRO-3"
+            if tuple(t.shape) != shape:
+                return f"{what} has shape {tuple(t.shape)}, not {shape} (an FSDP flat-parameter shard)"
+    return None
 
 
 def _driver_for(config, adapter: str, layers: list[ForgeLinear]) -> Driver:
@@ -195,15 +255,17 @@ def _drivers_of_optimizer(optimizer: torch.optim.Optimizer) -> list[Driver]:
     ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
     found = []
     for config, adapter, group in _group(list(LIVE_LAYERS)).values():
-        d = _driver_for(config, adapter, group)
-        if any(id(p) in ids for p in d.parameters()):
-            found.append(d)
+        # Drivers only for adapters this optimizer trains: any other live model is none of its business.
+        if any(id(p) in ids for layer in group for p in _adapter_parameters(layer, adapter)):
+            found.append(_driver_for(config, adapter, group))
     _OPT_CACHE[optimizer] = (n_params, len(LIVE_LAYERS), found)
     return found
 
 
 def _pre_step(optimizer, args, kwargs) -> None:
     for d in _drivers_of_optimizer(optimizer):
+        if d.step == 0:  # the first update; later, `begin` (trainers, resumes) and new drivers check
+            d.refuse_sharded()
         d.refuse_unmanaged()
 
 

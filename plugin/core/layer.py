@@ -5,7 +5,9 @@ An axis is a small per-(layer, adapter) object from a method's `layer.py` that m
 - set how `A` and `B` start and which of them train (`init_factors`: CoRA's basis),
 - add a term to the output and to the merged weight (`extra_output` / `extra_delta`: folded
   Delta-LoRA).
-The composed forward is `h = W x + s·B diag(g) A x + Σ extra_output(x)`. Axis state that must
+The composed forward is `h = W x + s·B diag(g) A x + Σ extra_output(x)`; an axis may compute that
+whole adapter term itself (`lora_branch`, e.g. one fused autograd function) when it is the only
+axis that changes the forward. Axis state that must
 survive save/load lives in `lora_`-prefixed dicts keyed by adapter name, so PEFT's own
 `get_peft_model_state_dict` / `set_peft_model_state_dict` save and restore it with the adapter.
 """
@@ -38,6 +40,12 @@ class Axis:
         return None
 
     def extra_output(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        return None
+
+    def lora_branch(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The whole adapter term `s·B diag(g) A x + Σ extra_output(x)` computed by this axis (a fused
+        kernel), or None to let the layer compose it. Return it only when no other axis of the adapter
+        gates or adds output: the layer then skips the gate and the other axes' extra outputs."""
         return None
 
     def extra_delta(self) -> Optional[torch.Tensor]:
@@ -73,7 +81,9 @@ class ForgeLinear(LoraLinear):
             LIVE_LAYERS.add(self)
         super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
         self.forge_config[adapter_name] = config
-        weight = self.lora_A[adapter_name].weight
+        # The base weight's device: with low_cpu_mem_usage A and B start on "meta", and PEFT then moves
+        # parameter-less adapter modules (this BufferDict) to the base weight's device, which fails from meta.
+        weight = self.get_base_layer().weight
         self.lora_forge_step[adapter_name] = torch.zeros((), dtype=torch.long, device=weight.device)
         axes = [cls(self, adapter_name, config) for cls in config.axes()]
         self.forge_axes[adapter_name] = axes
@@ -137,6 +147,11 @@ class ForgeLinear(LoraLinear):
                 continue
             lora_a, lora_b = self.lora_A[adapter], self.lora_B[adapter]
             xa = self._cast_input_dtype(x, lora_a.weight.dtype)
+            axes = self.forge_axes.get(adapter, [])
+            fused = next((o for o in (ax.lora_branch(xa) for ax in axes) if o is not None), None)
+            if fused is not None:
+                result = result + fused
+                continue
             hidden = lora_a(self.lora_dropout[adapter](xa))
             gate = self.gate_values(adapter)
             if gate is not None:

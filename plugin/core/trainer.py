@@ -34,6 +34,15 @@ class _ForgeCallback(TrainerCallback):
                 )
             d.begin(state.max_steps)
 
+    @torch.no_grad()
+    def on_step_end(self, args, state, control, **kwargs):
+        # DeepSpeed ZeRO-1/2 steps a torch optimizer over flat fp32 master partitions, not over the
+        # adapter's parameters, so the optimizer hook never sees this adapter: drive its post-step
+        # work here, once per optimizer step (a driver the hook already advanced is at global_step).
+        for d in self.trainer.forge_drivers():
+            if d.step == state.global_step - 1:
+                d.on_step_end()
+
     def on_train_end(self, args, state, control, **kwargs):
         for d in self.trainer.forge_drivers():
             d.on_train_end(args.output_dir)
@@ -68,6 +77,17 @@ class LoraForgeTrainerMixin:
         self.optimizer = optimizer_cls([g for g in groups if g["params"]], **optimizer_kwargs)
         return self.optimizer
 
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """The trainer's schedule, except for param groups marked `loraforge_constant_lr` (SaLoRA's gates)."""
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+            for i, group in enumerate(scheduler.optimizer.param_groups):
+                if group.get("loraforge_constant_lr"):
+                    scheduler.lr_lambdas[i] = _constant
+                    group["lr"] = group["initial_lr"]
+                    scheduler._last_lr[i] = group["lr"]
+        return scheduler
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         if not model.training:
@@ -98,6 +118,10 @@ class LoraForgeTrainerMixin:
             for d in self.forge_drivers():
                 logs.update({k: round(v, 6) for k, v in d.log_values().items()})
         super().log(logs, *args, **kwargs)
+
+
+def _constant(step: int) -> float:
+    return 1.0
 
 
 class LoraForgeTrainer(LoraForgeTrainerMixin, Trainer):

@@ -1,0 +1,113 @@
+"""`loraforge ranks ADAPTER_DIR`: the per-module rank table of a saved SaLoRA adapter.
+
+Reads the adapter's config and safetensors directly (no base model, no PEFT model built). For a
+stock LoRA adapter written by `loraforge export` it prints the exported ranks (and the densities
+recorded in `loraforge_export.json`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from types import SimpleNamespace
+
+from .layer import FROZEN_CODES, deterministic_gate
+from .report import ModuleGates, format_table, summarize, write_summary
+
+PREFIX = "base_model.model."
+
+
+def _split(key: str) -> tuple[str, str] | None:
+    if not key.startswith(PREFIX) or ".lora_" not in key:
+        return None
+    module, rest = key[len(PREFIX):].split(".lora_", 1)
+    return module, "lora_" + rest
+
+
+def read_adapter(path: str) -> tuple[dict, dict[str, dict]]:
+    """(adapter config dict, module -> {tensor name: tensor}) of a saved adapter folder."""
+    from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
+    from safetensors.torch import load_file
+
+    with open(os.path.join(path, CONFIG_NAME)) as f:
+        config = json.load(f)
+    modules: dict[str, dict] = {}
+    for key, value in load_file(os.path.join(path, SAFETENSORS_WEIGHTS_NAME)).items():
+        parts = _split(key)
+        if parts:
+            modules.setdefault(parts[0], {})[parts[1]] = value
+    return config, modules
+
+
+def adapter_summary(path: str) -> dict:
+    """The densities and per-module ranks of a saved SaLoRA adapter (see report.summarize), plus its
+    λ, window, step and freeze state."""
+    config, modules = read_adapter(path)
+    if config.get("peft_type") != "LORAFORGE_SALORA":
+        raise ValueError(f"{path} is not a SaLoRA adapter (peft_type {config.get('peft_type')!r})")
+    cfg = SimpleNamespace(**{k: config[k] for k in ("temperature", "gamma", "zeta", "target_density")})
+    gates, state = [], None
+    for name in sorted(modules):
+        t = modules[name]
+        if "lora_gate_logits" not in t:
+            continue
+        start, end, code = (int(v) for v in t["lora_salora_window"].tolist())
+        frozen = FROZEN_CODES[code]
+        eval_gate = t["lora_gate_frozen"] if frozen else deterministic_gate(t["lora_gate_logits"].float(), cfg.gamma, cfg.zeta)
+        gates.append(ModuleGates(name, t["lora_gate_logits"], eval_gate, t["lora_A.weight"].shape[1], t["lora_B.weight"].shape[0]))
+        if state is None:
+            lam = t["lora_salora_lambda"].tolist()
+            state = {"window": [start, end], "frozen": frozen, "lambda": lam[0], "lambda_linear": lam[1],
+                     "step": int(t["lora_forge_step"]) if "lora_forge_step" in t else None}
+    if not gates:
+        raise ValueError(f"{path}: no gate tensors found in the adapter weights")
+    return {**summarize(gates, cfg), **state}
+
+
+def stock_summary(path: str) -> dict:
+    config, modules = read_adapter(path)
+    rows = [{"module": name, "export_rank": t["lora_A.weight"].shape[0]} for name, t in sorted(modules.items())
+            if "lora_A.weight" in t]
+    meta_path = os.path.join(path, "loraforge_export.json")
+    meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {}
+    return {"modules": rows, "export_ranks": sum(r["export_rank"] for r in rows), "metadata": meta}
+
+
+def ranks_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="loraforge ranks", description="Per-module ranks of a SaLoRA adapter "
+                                     "(or of a stock LoRA adapter written by `loraforge export`).")
+    parser.add_argument("adapter", help="folder of a saved adapter (adapter_config.json + adapter_model.safetensors)")
+    parser.add_argument("--png", help="also write the layers × module-type heat map to this PNG file")
+    parser.add_argument("--json", help="also write the numbers to this JSON file")
+    args = parser.parse_args(argv)
+    config, _ = read_adapter(args.adapter)
+    if config.get("peft_type") == "LORAFORGE_SALORA":
+        summary = adapter_summary(args.adapter)
+        print(format_table(summary))
+        start, end = summary["window"]
+        window = f"steps {start + 1}..{end}" if start >= 0 else "not resolved (never trained)"
+        print(f"lambda {summary['lambda']:.6g} (linear {summary['lambda_linear']:.6g}) | window {window} | "
+              f"step {summary['step']} | gates "
+              f"{'frozen with prune_budget=' + repr(summary['frozen']) if summary['frozen'] else 'not frozen'}")
+        ranks = {r["module"]: r["export_rank"] for r in summary["modules"]}
+        r_max = max(r["r"] for r in summary["modules"])
+    elif config.get("peft_type") == "LORA":
+        summary = stock_summary(args.adapter)
+        for row in summary["modules"]:
+            print(f"{row['module']}  {row['export_rank']}")
+        salora = summary["metadata"].get("salora")
+        if salora:
+            print("densities at export: " + ", ".join(f"{k} {salora[k]:.3f}" for k in
+                  ("target_density", "expected_density", "realized_density", "export_density")))
+        ranks = {r["module"]: r["export_rank"] for r in summary["modules"]}
+        r_max = max(ranks.values())
+    else:
+        parser.error(f"{args.adapter}: not a SaLoRA or LoRA adapter (peft_type {config.get('peft_type')!r})")
+    if args.png:
+        from .plot import rank_heatmap
+
+        if rank_heatmap(ranks, args.png, r_max=r_max) is None:
+            print("no module has a layer index: no heat map written")
+    if args.json:
+        write_summary(summary, args.json)
+    return 0

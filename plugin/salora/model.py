@@ -1,0 +1,317 @@
+"""SaLoRA's training dynamics (the controller) and its model-level functions (`prune`, `gate_summary`).
+
+Objective: `L = L_task + β·R_orth + [inside the window] λ·(C - b)²`
+(`lagrangian="linear_quadratic"`: `λ1·(C - b) + λ2·(C - b)²`), with
+- `R_orth = Σ_i ||B_iᵀB_i - I||_F² + ||A_i A_iᵀ - I||_F²`, divided by the number of adapted layers K
+  for `orth_reg_reduction="mean"` (default; METHODS.md) or summed ("sum", Eq. 10);
+- `C` the parameter-weighted expected density (closed-form expected L0, Eq. 8/11).
+
+Decisions the paper leaves open:
+- λ ascends after each optimizer step inside the window by the gradient of the loss w.r.t. λ at the
+  parameters that loss was computed at (simultaneous gradient descent-ascent, Algorithm 1):
+  `λ ← max(0, λ + η_c·(C_t - b)²)`. In the linear-quadratic form `λ1 ← λ1 + η_c·(C_t - b)` is not
+  projected: it is the multiplier of an equality constraint, so its sign is free (as in the
+  two-multiplier form of Wang et al. 2020).
+- `η_c` is constant: the trainer's LR schedule does not scale the gate group (core's trainer pins
+  groups that carry `loraforge_constant_lr`), as Algorithm 1 writes it. Gates move only inside the window: outside it the forward does
+  not use the logits (or uses them detached), there is no λ term, and after every step outside the
+  window their `.grad` is set to None, so AdamW applies neither momentum nor weight decay to them.
+- At the end of the window the gates freeze: `select_gates` with the config's `prune_budget` sets the
+  gate every later forward, eval, merge and export uses, so the last part of training adapts to
+  exactly the ranks the export keeps. "exact" keeps, over all modules, the ranks with the highest
+  deterministic gate (ties broken by P(g > 0)) until the kept parameter count reaches b of the total
+  (it overshoots by less than one rank of the widest module). A kept rank whose ĝ is 0 takes its
+  expected gate E[g] (its average weight while the gates were sampled, so the model changes least).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from typing import Optional
+
+import torch
+
+from ..core.driver import Controller
+from ..core.layer import ForgeLinear
+from .layer import BUDGET_CODES, HardConcreteGate, expected_gate, phase_at, prob_nonzero
+from .report import ModuleGates, format_table, summarize, write_summary
+
+logger = logging.getLogger("loraforge.salora")
+
+#: How far the exported density may sit from target_density before training ends with a warning.
+DENSITY_WARN_GAP = 0.1
+
+
+def gate_axes(layers: list[ForgeLinear], adapter: str) -> list[HardConcreteGate]:
+    return [axis for layer in layers for axis in layer.forge_axes.get(adapter, []) if isinstance(axis, HardConcreteGate)]
+
+
+def module_gates(axes: list[HardConcreteGate]) -> list[ModuleGates]:
+    return [ModuleGates(a.layer.forge_name, a.log_alpha.detach(), a.eval_gate().detach(),
+                        a.layer.in_features, a.layer.out_features) for a in axes]
+
+
+@torch.no_grad()
+def select_gates(axes: list[HardConcreteGate], budget: str) -> list[torch.Tensor]:
+    """The gate each module keeps after pruning with `budget` ("gate" or "exact"); 0 = pruned."""
+    cfg = axes[0].config
+    det = [a.deterministic().detach().float() for a in axes]
+    if budget == "gate":
+        return det
+    if budget != "exact":
+        raise ValueError(f"budget: must be 'gate' or 'exact', got {budget!r}")
+    prob = torch.cat([prob_nonzero(a.log_alpha.detach().float(), cfg.temperature, cfg.gamma, cfg.zeta) for a in axes]).cpu()
+    gate = torch.cat(det).cpu()
+    weight = torch.cat([torch.full((a.layer.r[a.adapter],), float(a.layer.in_features + a.layer.out_features),
+                                   dtype=torch.float64) for a in axes])
+    # Order by ĝ, then P(g>0), both descending; stable, so full ties keep module/rank order.
+    order = torch.argsort(prob, descending=True, stable=True)
+    order = order[torch.argsort(gate[order], descending=True, stable=True)]
+    before = torch.cumsum(weight[order], 0) - weight[order]
+    keep = torch.zeros_like(gate, dtype=torch.bool)
+    keep[order[before < cfg.target_density * float(weight.sum()) - 1e-6]] = True
+    out, offset = [], 0
+    for a, g in zip(axes, det):
+        n = g.numel()
+        k = keep[offset:offset + n].to(g.device)
+        mean = expected_gate(a.log_alpha.float(), cfg.temperature, cfg.gamma, cfg.zeta).clamp_min(torch.finfo(torch.float32).tiny)
+        out.append(torch.where(k, torch.where(g > 0, g, mean), torch.zeros_like(g)))
+        offset += n
+    return out
+
+
+@torch.no_grad()
+def freeze_gates(axes: list[HardConcreteGate], budget: str) -> None:
+    """Fix every later gate (training and eval, merge, export) to the selection of `budget`."""
+    for axis, gate in zip(axes, select_gates(axes, budget)):
+        axis.frozen_gate.copy_(gate.to(axis.frozen_gate))
+        axis.layer.lora_salora_window[axis.adapter][2] = BUDGET_CODES[budget]
+        axis.phase = "frozen"
+        axis.log_alpha.grad = None
+
+
+def _salora_groups(model: torch.nn.Module, adapter: Optional[str]) -> dict[str, list[HardConcreteGate]]:
+    layers = [m for m in model.modules() if isinstance(m, ForgeLinear)]
+    names = {adapter} if adapter else {a for layer in layers for a in layer.forge_axes}
+    groups = {name: gate_axes(layers, name) for name in sorted(names)}
+    return {name: axes for name, axes in groups.items() if axes}
+
+
+def prune(model: torch.nn.Module, budget: Optional[str] = None, adapter: Optional[str] = None) -> dict[str, int]:
+    """Freeze the gates of `model`'s SaLoRA adapter(s) to the ranks `budget` keeps; return module -> rank.
+
+    `budget`: "gate" (ranks with ĝ > 0, the paper), "exact" (the best ranks up to target_density of
+    the parameters) or None (the config's `prune_budget`). Afterwards the model in eval mode, its
+    merge and `loraforge.export_lora` (a stock PEFT LoRA adapter with the pruned ranks dropped and the
+    gates folded into B) all compute the same function. Training normally freezes the gates itself
+    at the end of the window; call this to export an adapter that never reached it, or to re-prune
+    with another budget (which changes the model: the kept ranks were trained under the other one).
+    """
+    groups = _salora_groups(model, adapter)
+    if not groups:
+        raise ValueError(f"no SaLoRA adapter{'' if adapter is None else f' named {adapter!r}'} in the model")
+    ranks: dict[str, int] = {}
+    for axes in groups.values():
+        freeze_gates(axes, budget or axes[0].config.prune_budget)
+        ranks.update({a.layer.forge_name: int((a.frozen_gate > 0).sum()) for a in axes})
+        driver = axes[0].layer.forge_drivers.get(axes[0].adapter)
+        for c in getattr(driver, "controllers", []):
+            if isinstance(c, SaLoRAController):
+                c.sync()
+    return ranks
+
+
+def gate_summary(model: torch.nn.Module, adapter: str = "default") -> dict:
+    """Densities (target, expected, realized, export) and per-module ranks of a SaLoRA adapter."""
+    axes = _salora_groups(model, adapter).get(adapter)
+    if not axes:
+        raise ValueError(f"no SaLoRA adapter named {adapter!r} in the model")
+    return summarize(module_gates(axes), axes[0].config)
+
+
+class SaLoRAController(Controller):
+    salora = True  # marks the controller the gate axes re-sync after a load
+    needs_trainer = (
+        "SaLoRA adds its orthogonal regulariser and budget term λ·(C - b)² to the loss and trains its gates "
+        "with their own learning rate gate_lr, which a plain trainer does not do"
+    )
+
+    def __init__(self, driver) -> None:
+        super().__init__(driver)
+        self.config = driver.config
+        self.axes = gate_axes(self.layers, self.adapter)
+        self.rank_weight = torch.cat([
+            torch.full((a.layer.r[self.adapter],), float(a.layer.in_features + a.layer.out_features)) for a in self.axes
+        ])
+        self.total_weight = float(self.rank_weight.sum())
+        self._last_density: Optional[torch.Tensor] = None
+        self.sync()
+
+    # state -----------------------------------------------------------------------------------
+    def sync(self) -> None:
+        """Read the persisted state (window, freeze, λ, step) into Python and set the axes' phases."""
+        axis = self.axes[0]
+        self.start, self.end, self.frozen = axis.window_state()
+        self.lam, self.lam_linear = (float(v) for v in axis.layer.lora_salora_lambda[self.adapter].tolist())
+        self.step = self.driver.step
+        self._set_phases()
+
+    def _set_phases(self) -> None:
+        phase = phase_at(self.step, self.start, self.end, self.frozen)
+        for axis in self.axes:
+            axis.phase = phase
+        if phase != "sample":
+            for axis in self.axes:
+                axis.log_alpha.grad = None
+
+    def _write(self, name: str, values: list, index: slice) -> None:
+        src = None
+        for axis in self.axes:
+            buf = getattr(axis.layer, name)[self.adapter]
+            if src is None or src.device != buf.device:
+                src = torch.tensor(values, dtype=buf.dtype, device=buf.device)
+            buf[index] = src
+
+    def in_window(self) -> bool:
+        return not self.frozen and 0 <= self.start <= self.step < self.end
+
+    # quantities ------------------------------------------------------------------------------
+    def expected_density(self) -> torch.Tensor:
+        cfg = self.config
+        logits = torch.cat([a.log_alpha for a in self.axes])
+        weight = self.rank_weight.to(logits.device)
+        return (prob_nonzero(logits.float(), cfg.temperature, cfg.gamma, cfg.zeta) * weight).sum() / self.total_weight
+
+    def orth_losses(self) -> list[torch.Tensor]:
+        """||BᵀB - I||_F² + ||AAᵀ - I||_F² per layer, in float32 whatever the autocast."""
+        out = []
+        for a in self.axes:
+            b = a.layer.lora_B[self.adapter].weight
+            w = a.layer.lora_A[self.adapter].weight
+            with torch.autocast(device_type=b.device.type, enabled=False):
+                b, w = b.float(), w.float()
+                eye = torch.eye(b.shape[1], device=b.device)
+                out.append((b.T @ b - eye).pow(2).sum() + (w @ w.T - eye).pow(2).sum())
+        return out
+
+    # protocol --------------------------------------------------------------------------------
+    def begin(self, max_steps: Optional[int]) -> None:
+        self.sync()
+        if self.start < 0:
+            self.start, self.end = self.config.resolve_window(max_steps)
+            self._write("lora_salora_window", [self.start, self.end], slice(0, 2))
+        elif max_steps is not None and self.end > max_steps and not self.frozen:
+            warnings.warn(f"SaLoRA: the saved window ends at step {self.end}, after this run's last step {max_steps}: "
+                          "the gates will not freeze and the budget may not be met", stacklevel=2)
+        self._set_phases()
+        logger.info("SaLoRA: gates train on optimizer steps %d..%d of %s (target density %.3f, gate lr %g, "
+                    "orthogonal term %s over %d layers, %s Lagrangian)", self.start + 1, self.end, max_steps,
+                    self.config.target_density, self.config.gate_lr, self.config.orth_reg_reduction, len(self.axes),
+                    self.config.lagrangian)
+
+    def regularization_loss(self) -> Optional[torch.Tensor]:
+        cfg = self.config
+        loss = None
+        if cfg.orth_reg_weight:
+            orth = sum(self.orth_losses())
+            if cfg.orth_reg_reduction == "mean":
+                orth = orth / len(self.axes)
+            loss = cfg.orth_reg_weight * orth
+        if self.in_window():
+            density = self.expected_density()
+            self._last_density = density.detach()
+            gap = density - cfg.target_density
+            term = self.lam * gap ** 2
+            if cfg.lagrangian == "linear_quadratic":
+                term = term + self.lam_linear * gap
+            loss = term if loss is None else loss + term
+        return loss
+
+    def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
+        return [{"params": [a.log_alpha for a in self.axes], "lr": self.config.gate_lr, "weight_decay": 0.0,
+                 "loraforge_constant_lr": True, "name": "salora_gates"}]
+
+    @torch.no_grad()
+    def on_step_end(self, step: int, max_steps: Optional[int]) -> None:
+        was_inside = self.in_window()  # the step just taken (number `step`) ran inside the window
+        self.step = step
+        if was_inside:
+            density = self._last_density if self._last_density is not None else self.expected_density()
+            gap = float(density) - self.config.target_density
+            self.lam = max(0.0, self.lam + self.config.gate_lr * gap ** 2)
+            if self.config.lagrangian == "linear_quadratic":
+                self.lam_linear += self.config.gate_lr * gap
+            self._write("lora_salora_lambda", [self.lam, self.lam_linear], slice(0, 2))
+        self._last_density = None
+        if not self.frozen and self.start >= 0 and step >= self.end:
+            freeze_gates(self.axes, self.config.prune_budget)
+            self.frozen = self.config.prune_budget
+            s = self.summary()
+            logger.info("SaLoRA: gates frozen after step %d with prune_budget=%r: export density %.3f (target %.3f, "
+                        "expected %.3f, ĝ>0 %.3f)", step, self.frozen, s["export_density"], s["target_density"],
+                        s["expected_density"], s["realized_density"])
+        self._set_phases()
+
+    @torch.no_grad()
+    def summary(self) -> dict:
+        return summarize(module_gates(self.axes), self.config)
+
+    @torch.no_grad()
+    def log_values(self) -> dict[str, float]:
+        s = self.summary()
+        out = {
+            "salora/expected_density": s["expected_density"],
+            "salora/realized_density": s["realized_density"],
+            "salora/export_density": s["export_density"],
+            "salora/lambda": self.lam,
+            "salora/orth_loss": float(sum(self.orth_losses())) / len(self.axes),
+            "salora/live_ranks": float(s["live_ranks"]),
+        }
+        if self.config.lagrangian == "linear_quadratic":
+            out["salora/lambda_linear"] = self.lam_linear
+        return out
+
+    def on_train_end(self, output_dir: Optional[str]) -> None:
+        s = self.summary()
+        table = format_table(s)
+        logger.info("SaLoRA ranks after training:\n%s", table)
+        if output_dir and _main_process():
+            from .plot import rank_heatmap
+
+            os.makedirs(output_dir, exist_ok=True)
+            write_summary(s, os.path.join(output_dir, "salora_ranks.json"))
+            with open(os.path.join(output_dir, "salora_ranks.txt"), "w") as f:
+                f.write(table + "\n")
+            rank_heatmap({r["module"]: r["export_rank"] for r in s["modules"]}, os.path.join(output_dir, "salora_ranks.png"),
+                         r_max=max(r["r"] for r in s["modules"]),
+                         title=f"SaLoRA ranks (density {s['export_density']:.2f}, target {s['target_density']:.2f})")
+        if not self.frozen:
+            _warn(f"SaLoRA: training ended at step {self.step}, before the gates froze at the end of the window "
+                  f"(step {self.end}); merge and export use the deterministic gates. Call "
+                  "loraforge.salora.prune(model) to freeze them with prune_budget.")
+        if abs(s["export_density"] - s["target_density"]) > DENSITY_WARN_GAP:
+            _warn(f"SaLoRA: the adapter keeps {s['export_density']:.3f} of its parameters (realized density: ranks "
+                  f"with deterministic gate > 0: {s['realized_density']:.3f}) but target_density is "
+                  f"{s['target_density']:.3f} (expected density C = {s['expected_density']:.3f}). To export exactly "
+                  "the budget, train with SaLoRAConfig(prune_budget='exact') or call "
+                  "loraforge.salora.prune(model, budget='exact') before export.")
+
+    def export_metadata(self) -> dict:
+        s = self.summary()
+        return {"salora": {
+            "target_density": s["target_density"], "expected_density": s["expected_density"],
+            "realized_density": s["realized_density"], "export_density": s["export_density"],
+            "prune_budget": self.frozen or "unfrozen (deterministic gates)", "lambda": self.lam,
+            "lambda_linear": self.lam_linear, "window": [self.start, self.end], "step": self.step,
+            "orth_reg_reduction": self.config.orth_reg_reduction, "lagrangian": self.config.lagrangian,
+        }}
+
+
+def _main_process() -> bool:
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
+
+
+def _warn(message: str) -> None:
+    logger.warning(message)
+    warnings.warn(message, stacklevel=3)

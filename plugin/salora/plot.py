@@ -1,0 +1,51 @@
+"""Heat map of the per-module ranks, layers × module types (the SaLoRA paper's Figure 7)."""
+from __future__ import annotations
+
+from .config import DEFAULT_TARGET_MODULES
+from .report import layer_and_type
+
+
+def rank_heatmap(ranks: dict[str, int], path: str, r_max: int | None = None, title: str = "SaLoRA ranks") -> str | None:
+    """Write a PNG of `ranks` (module name -> rank) to `path`; modules without a layer index are left
+    out (they are in the rank table). Returns the path, or None when no module has a layer index."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    cells: dict[tuple[str, int], int] = {}
+    types: list[str] = []
+    for name, rank in ranks.items():
+        index, kind = layer_and_type(name)
+        if index is None:
+            continue
+        if kind not in types:
+            types.append(kind)
+        cells[(kind, index)] = rank
+    if not cells:
+        return None
+    order = {name: i for i, name in enumerate(DEFAULT_TARGET_MODULES)}
+    types.sort(key=lambda kind: (order.get(kind, len(order)), kind))
+    layers = sorted({i for _, i in cells})
+    grid = np.full((len(types), len(layers)), np.nan)
+    for (kind, index), rank in cells.items():
+        grid[types.index(kind), layers.index(index)] = rank
+    vmax = r_max if r_max is not None else max(cells.values())
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * len(layers) + 2.0), max(2.5, 0.4 * len(types) + 1.2)))
+    image = ax.imshow(np.ma.masked_invalid(grid), cmap="Blues", vmin=0, vmax=max(vmax, 1), aspect="auto")
+    for y in range(len(types)):
+        for x in range(len(layers)):
+            if not np.isnan(grid[y, x]):
+                value = int(grid[y, x])
+                ax.text(x, y, str(value), ha="center", va="center", fontsize=7,
+                        color="white" if value > 0.6 * vmax else "black")
+    ax.set_xticks(range(len(layers)), [str(i) for i in layers])
+    ax.set_yticks(range(len(types)), types)
+    ax.set_xlabel("layer")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, label="rank")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
