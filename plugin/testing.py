@@ -101,7 +101,7 @@ def alpaca_text(record: dict) -> str:
     return alpaca_prompt(record["instruction"], record.get("input", "")) + record["output"]
 
 
-def lm_dataset(tokenizer, records: list[dict], max_length: int = 64):
+def lm_dataset(tokenizer, records: list[dict], max_length: int = 128):
     """A `datasets.Dataset` of input_ids / attention_mask / labels, padded to `max_length`."""
     from datasets import Dataset
 

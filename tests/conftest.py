@@ -44,5 +44,6 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture
 def lm_dataset(tiny_tokenizer, alpaca_records):
-    """A tokenised causal-LM dataset (input_ids / labels) of 64 short Alpaca records."""
+    """A tokenised causal-LM dataset (input_ids / labels) of 64 Alpaca records (128 tokens: the
+    Alpaca header alone is about 60 tokens of the tiny tokenizer)."""
     return testing.lm_dataset(tiny_tokenizer, alpaca_records[:64])
