@@ -1,0 +1,80 @@
+"""Delta-LoRA's training dynamics: take the snapshot after step K, propagate after every step t > K.
+
+Only post-step work, so the global optimizer hook drives it under any trainer or a hand loop; the
+step count is core's `layer.lora_forge_step` (restored with checkpoints, so a resume continues the
+same trajectory).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+from ..core.driver import Controller
+from .layer import DeltaPropagation
+
+
+class DeltaLoRAController(Controller):
+    def __init__(self, driver) -> None:
+        super().__init__(driver)
+        self.config = driver.config
+        self.start_step = int(self.config.start_step)
+        # Created at the latest in the pre-step hook of the first update: with K = 0 the snapshot is
+        # the initial factors.
+        self._catch_up(driver.step)
+
+    @property
+    def axes(self) -> list[DeltaPropagation]:
+        return [ax for layer in self.layers for ax in layer.forge_axes.get(self.adapter, [])
+                if isinstance(ax, DeltaPropagation)]
+
+    def _catch_up(self, step: int) -> None:
+        missing = [ax for ax in self.axes if not ax.taken]
+        if step == self.start_step:
+            for ax in missing:
+                ax.snapshot(step)
+        elif step > self.start_step and missing:
+            raise RuntimeError(
+                f"Delta-LoRA: the adapter has taken {step} optimizer steps, past start_step={self.start_step}, but "
+                f"{missing[0].layer.forge_name} holds no snapshot (B_K, A_K), so W's update cannot be continued. "
+                "Resume from a checkpoint saved with this adapter, or keep the start_step it was trained with.")
+
+    def begin(self, max_steps: Optional[int]) -> None:
+        self._catch_up(self.driver.step)
+        if max_steps is not None and max_steps <= self.start_step:
+            warnings.warn(
+                f"Delta-LoRA: start_step={self.start_step} >= max_steps={max_steps}, so W will never move and this "
+                "run is plain LoRA. Lower start_step (the paper uses 10 to 2000 steps, about the warm-up length).",
+                stacklevel=2)
+
+    def on_step_end(self, step: int, max_steps: Optional[int]) -> None:
+        merged = [layer.forge_name for layer in self.layers if layer.merged]
+        if merged:
+            raise RuntimeError(
+                f"Delta-LoRA cannot train with the adapter merged into the base weights ({merged[0]}, ...): its "
+                "factors get no gradient and W would take the update twice. Call model.unmerge_adapter() before "
+                "training and merge only at the end.")
+        self._catch_up(step)  # the snapshot at K; refuses a state past K without one
+        if step > self.start_step and self.config.propagation == "in_place":
+            for ax in self.axes:
+                ax.propagate()
+
+    def log_values(self) -> dict[str, float]:
+        """||λ·s·(B A - B_K A_K)||_F over all layers: how far the (effective) W has moved from W_0."""
+        return {"delta_lora/w_shift_norm": max(0.0, sum(ax.shift_sq_norm() for ax in self.axes)) ** 0.5}
+
+    def on_train_end(self, output_dir: Optional[str]) -> None:
+        if self.driver.step <= self.start_step:
+            warnings.warn(
+                f"Delta-LoRA: training ended at step {self.driver.step} <= start_step={self.start_step}; nothing was "
+                "propagated into W (the result is plain LoRA).", stacklevel=2)
+
+    def export_metadata(self) -> dict:
+        taken = [int(ax.layer.lora_delta_steps[self.adapter][1]) for ax in self.axes]
+        return {"delta_lora": {
+            "update_ratio": float(self.config.update_ratio),
+            "start_step": self.start_step,
+            "propagation": self.config.propagation,
+            "steps": self.driver.step,
+            "snapshot_step": max(taken) if taken else -1,
+            "note": "rank-2r factors on the original base: B' = [(1+λ)·s·B, -λ·s·B_K], A' = [A; A_K]",
+        }}
