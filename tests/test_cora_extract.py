@@ -23,16 +23,6 @@ from loraforge.cora.model import basis_metadata
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The decompositions here are tiny; on a busy small machine OpenMP threads waiting on each other
-    made them up to 100x slower than one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def largest_angle(u: torch.Tensor, v: torch.Tensor) -> float:
     """Largest principal angle between the column spaces (scipy: an implementation independent of ours)."""
     return float(subspace_angles(u.double().numpy(), v.double().numpy()).max())

@@ -12,13 +12,6 @@ from loraforge import DeltaLoRAConfig, testing
 from loraforge.core.layer import ForgeLinear
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices: OpenMP threads only add overhead (and on a shared 2-core machine, much of it)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _layers(model):

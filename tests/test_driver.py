@@ -7,7 +7,7 @@ from peft import get_peft_model
 from transformers import Trainer, TrainingArguments
 
 import loraforge
-from probe import ProbeConfig, ProbeController, RefusingProbeConfig
+from probe import ProbeConfig, RefusingProbeConfig
 
 
 def _args(tmp_path, **kw):

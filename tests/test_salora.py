@@ -25,13 +25,6 @@ GAMMA, ZETA = -0.1, 1.1
 LOG11 = math.log(11.0)  # -log(-γ/ζ) and log((1-γ)/(ζ-1)) at the default γ, ζ
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread; on a shared 2-core machine more threads thrash."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _sigmoid(x: float) -> float:

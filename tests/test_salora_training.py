@@ -18,13 +18,6 @@ LOG11 = math.log(11.0)
 B = 0.5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread; on a shared 2-core machine more threads thrash."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _sigmoid(x):
