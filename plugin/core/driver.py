@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from .layer import LIVE_LAYERS, ForgeLinear
+from .layer import LIVE_LAYERS, ForgeLinear, module_order
 
 
 class Controller:
@@ -77,7 +77,7 @@ class Driver:
     def __init__(self, config, adapter: str, layers: list[ForgeLinear]) -> None:
         self.config = config
         self.adapter = adapter
-        self.layers = sorted(layers, key=lambda layer: layer.forge_name)
+        self.layers = sorted(layers, key=lambda layer: module_order(layer.forge_name))
         self.max_steps: Optional[int] = None
         self.managed = False  # a trainer (or the user) called `begin`
         self.controllers: list[Controller] = []

@@ -13,6 +13,7 @@ survive save/load lives in `lora_`-prefixed dicts keyed by adapter name, so PEFT
 """
 from __future__ import annotations
 
+import re
 import weakref
 from typing import Any, Optional
 
@@ -20,6 +21,11 @@ import torch
 from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.tuners_utils import BufferDict
 from peft.utils.other import transpose
+
+def module_order(name: str) -> list:
+    """Sort key that puts `layers.2` before `layers.10` (tables follow the model's depth)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
 
 # Every live ForgeLinear, so that an optimizer hook can find the layers whose parameters it steps.
 LIVE_LAYERS: "weakref.WeakSet[ForgeLinear]" = weakref.WeakSet()

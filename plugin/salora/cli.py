@@ -11,6 +11,7 @@ import json
 import os
 from types import SimpleNamespace
 
+from ..core.layer import module_order
 from .layer import FROZEN_CODES, deterministic_gate
 from .report import ModuleGates, format_table, summarize, write_summary
 
@@ -47,7 +48,7 @@ def adapter_summary(path: str) -> dict:
         raise ValueError(f"{path} is not a SaLoRA adapter (peft_type {config.get('peft_type')!r})")
     cfg = SimpleNamespace(**{k: config[k] for k in ("temperature", "gamma", "zeta", "target_density")})
     gates, state = [], None
-    for name in sorted(modules):
+    for name in sorted(modules, key=module_order):
         t = modules[name]
         if "lora_gate_logits" not in t:
             continue
@@ -66,7 +67,7 @@ def adapter_summary(path: str) -> dict:
 
 def stock_summary(path: str) -> dict:
     config, modules = read_adapter(path)
-    rows = [{"module": name, "export_rank": t["lora_A.weight"].shape[0]} for name, t in sorted(modules.items())
+    rows = [{"module": name, "export_rank": t["lora_A.weight"].shape[0]} for name, t in sorted(modules.items(), key=lambda item: module_order(item[0]))
             if "lora_A.weight" in t]
     meta_path = os.path.join(path, "loraforge_export.json")
     meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {}
