@@ -113,23 +113,8 @@ def main() -> int:
     for source, values in coverage.items():
         print(f"  source={source:8s} {fidelity.summary(values)}")
     print(f"\nShare of the base→teacher gap closed on held-out data ({args.steps} steps, {args.seeds} seeds: mean ± sd)")
-    for (name, lr), values in results.items():
-        print(f"  {name:30s} lr {lr:<6g} {fidelity.summary(values)}")
-    best = {}
-    for (name, lr), values in results.items():
-        mean = sum(values) / len(values)
-        if name not in best or mean > best[name][1]:
-            best[name] = (lr, mean, values)
-    print("\nBest learning rate per method (trainable parameters per q_proj: CoRA FB r=8 and LoRA r=4: 512; "
-          "LoRA r=8 and CoRA TB: 1024):")
-    for name, (lr, _, values) in best.items():
-        print(f"  {name:30s} lr {lr:<6g} {fidelity.summary(values)}")
-    reference = f"lora r={R}"
-    ref_values = best[reference][2]
-    print(f"\nDifference to {reference} at each one's best learning rate, paired by seed (mean ± sd):")
-    for name, (lr, _, values) in best.items():
-        if name != reference:
-            print(f"  {name:30s} {fidelity.summary([v - r for v, r in zip(values, ref_values)])}")
+    fidelity.report(results, f"lora r={R}", " (trainable parameters per q_proj: CoRA FB r=8 and LoRA r=4: 512; "
+                    "LoRA r=8 and CoRA TB: 1024)")
     return 0
 
 

@@ -77,22 +77,7 @@ def main() -> int:
                       flush=True)
     print(f"\nShare of the base→teacher gap closed on held-out data (true update rank {TRUE_RANK}, r = {R}, "
           f"{args.steps} steps, {args.seeds} seeds: mean ± sd)")
-    for (name, lr), values in results.items():
-        print(f"  {name:28s} lr {lr:<6g} {fidelity.summary(values)}")
-    best = {}
-    for (name, lr), values in results.items():
-        mean = sum(values) / len(values)
-        if name not in best or mean > best[name][1]:
-            best[name] = (lr, mean, values)
-    print("\nBest learning rate per method:")
-    for name, (lr, _, values) in best.items():
-        print(f"  {name:28s} lr {lr:<6g} {fidelity.summary(values)}")
-    reference = f"lora r={R}"
-    ref_values = best[reference][2]
-    print(f"\nDifference to {reference} at each one's best learning rate, paired by seed (mean ± sd):")
-    for name, (lr, _, values) in best.items():
-        if name != reference:
-            print(f"  {name:30s} {fidelity.summary([v - r for v, r in zip(values, ref_values)])}")
+    fidelity.report(results, f"lora r={R}")
     return 0
 
 

@@ -96,3 +96,23 @@ def summary(values: list[float]) -> str:
     mean = statistics.mean(values)
     sd = statistics.stdev(values) if len(values) > 1 else float("nan")
     return f"{mean:.3f} ± {sd:.3f} (min {min(values):.3f}, max {max(values):.3f})"
+
+
+def report(results: dict[tuple[str, float], list[float]], reference: str, best_note: str = "") -> None:
+    """Print every (method, lr) result, each method at its best lr, and the paired difference to `reference`."""
+    width = max(len(name) for name, _ in results) + 2
+    for (name, lr), values in results.items():
+        print(f"  {name:{width}s} lr {lr:<6g} {summary(values)}")
+    best: dict[str, tuple[float, float, list[float]]] = {}
+    for (name, lr), values in results.items():
+        mean = sum(values) / len(values)
+        if name not in best or mean > best[name][1]:
+            best[name] = (lr, mean, values)
+    print(f"\nBest learning rate per method{best_note}:")
+    for name, (lr, _, values) in best.items():
+        print(f"  {name:{width}s} lr {lr:<6g} {summary(values)}")
+    ref_values = best[reference][2]
+    print(f"\nDifference to {reference} at each one's best learning rate, paired by seed (mean ± sd):")
+    for name, (_, _, values) in best.items():
+        if name != reference:
+            print(f"  {name:{width}s} {summary([v - r for v, r in zip(values, ref_values)])}")
