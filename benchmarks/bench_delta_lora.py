@@ -4,11 +4,9 @@ much of the update a bf16 W loses without compensation.
 Timing: the three models live in one process and take optimizer steps in turn (the order rotates
 every round), so load on the machine hits all of them alike; the median step time is reported, as
 wall time and as the process's CPU time (what a shared machine's other load disturbs least).
-Memory: tracemalloc does not see torch's CPU allocations, so peak memory is measured from the
-kernel: the process runs with glibc's mmap threshold fixed low (large tensors are returned to the
-OS when freed, so RSS follows live tensors), the peak-RSS counter is reset (/proc/self/clear_refs)
-before a step, and a variant's peak = its persistent tensors (model, adapter state, optimizer
-state, Delta-LoRA's in-memory copies) + the RSS high-water mark of its step above the RSS before it.
+Memory: a variant's peak = its persistent tensors (model, adapter state, optimizer state,
+Delta-LoRA's in-memory copies) + the peak tensor bytes its step allocates above them
+(`benchmarks/common.py`: the profiler's allocation events), the median over --mem-rounds steps.
 bf16: a Delta-LoRA in-place run on a bf16 base; after every step the same increment
 `λ·s·(P_{t+1} - P_t)` is also added naively to a bf16 copy of W_0 and exactly to an fp64 copy; the
 relative error of `W_T - W_0` against the fp64 value is reported for both.
@@ -19,22 +17,21 @@ relative error of `W_T - W_0` against the fp64 value is reported for both.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
-import statistics
 import sys
 import time
 
-if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":  # must be set before the process starts
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    os.execv(sys.executable, [sys.executable, *sys.argv])
+import torch
+from peft import LoraConfig, get_peft_model
 
-import torch  # noqa: E402
-from peft import LoraConfig, get_peft_model  # noqa: E402
+from loraforge import DeltaLoRAConfig, testing
+from loraforge.delta_lora.layer import DeltaPropagation
 
-from loraforge import DeltaLoRAConfig, testing  # noqa: E402
-from loraforge.delta_lora.layer import DeltaPropagation  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import AllocationTrace, MiB, median, timed  # noqa: E402
+
+CPU = torch.device("cpu")
 
 VARIANTS = ("lora", "delta_folded", "delta_in_place")
 ATTN = ["q_proj", "v_proj"]
@@ -73,11 +70,6 @@ def step(model, opt, data) -> None:
     opt.zero_grad(set_to_none=True)
 
 
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field))
-
-
 def persistent_bytes(model, opt) -> int:
     seen, total = set(), 0
     tensors = list(model.parameters()) + list(model.buffers())
@@ -106,26 +98,22 @@ def measure(targets: list[str], args) -> dict:
     for i in range(args.steps):
         for v in order:
             model, opt = runs[v]
-            t0, c0 = time.perf_counter(), time.process_time()
-            step(model, opt, data[i % 4])
-            times[v].append(time.perf_counter() - t0)
+            c0 = time.process_time()  # the process's CPU time: all torch threads, not only this one
+            times[v].append(timed(lambda: step(model, opt, data[i % 4]), CPU))
             cpu[v].append(time.process_time() - c0)
         order = order[1:] + order[:1]
     transient = {v: [] for v in VARIANTS}
     for i in range(args.mem_rounds):
         for v in VARIANTS:
             model, opt = runs[v]
-            gc.collect()
-            before = _rss_kib("VmRSS")
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            step(model, opt, data[i % 4])
-            transient[v].append((_rss_kib("VmHWM") - before) * 1024)
+            with AllocationTrace(CPU) as trace:
+                step(model, opt, data[i % 4])
+            transient[v].append(trace.peak)
     out = {}
     for v in VARIANTS:
         model, opt = runs[v]
-        peak = persistent_bytes(model, opt) + statistics.median(transient[v])
-        out[v] = {"median_step_s": statistics.median(times[v]), "median_cpu_s": statistics.median(cpu[v]),
+        peak = persistent_bytes(model, opt) + median(transient[v])
+        out[v] = {"median_step_s": median(times[v]), "median_cpu_s": median(cpu[v]),
                   "peak_bytes": peak}
     for v in VARIANTS:
         out[v]["time_ratio_vs_lora"] = out[v]["median_step_s"] / out["lora"]["median_step_s"]
@@ -237,7 +225,7 @@ def main() -> int:
         for v, r in res.items():
             print(f"  {v:16s} {r['median_step_s'] * 1e3:8.1f}ms {r['time_ratio_vs_lora']:7.3f} "
                   f"{r['median_cpu_s'] * 1e3:8.1f}ms {r['cpu_ratio_vs_lora']:7.3f} "
-                  f"{r['peak_bytes'] / 2 ** 20:9.1f} {r['mem_ratio_vs_lora']:7.4f}")
+                  f"{r['peak_bytes'] / MiB:9.1f} {r['mem_ratio_vs_lora']:7.4f}")
     worst = max(results[k]["delta_folded"]["cpu_ratio_vs_lora"] for k in ("q,v (PEFT default)", "all linear"))
     print(f"\nprofile (all linear): self CPU time per step, ops that grow most from LoRA to folded"
           f"{' (folded is over the 1.03x target)' if worst > 1.03 else ''}:")

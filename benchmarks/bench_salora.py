@@ -14,8 +14,9 @@ Run: python benchmarks/bench_salora.py [--hidden 256 --layers 4 --seq 128 --batc
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import os
+import sys
+from contextlib import nullcontext
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -24,6 +25,9 @@ import loraforge
 from loraforge import testing
 from loraforge.salora import prune
 from loraforge.salora.config import DEFAULT_TARGET_MODULES
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import AllocationTrace, MiB, median, pick_device, timed  # noqa: E402
 
 FAR = 10**9
 
@@ -83,7 +87,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    cuda = args.device.startswith("cuda")
+    device = pick_device(args.device)
+    cuda = device.type == "cuda"
 
     variants = ["lora", "salora_before", "salora_inside", "salora_after"]
     runs = {}
@@ -92,53 +97,45 @@ def main() -> None:
         runs[v] = {"model": model.train(), "driver": driver, "opt": torch.optim.AdamW(params, lr=args.lr),
                    "times": [], "mem": []}
     gen = torch.Generator().manual_seed(0)
-    batches = [torch.randint(3, 512, (args.batch, args.seq), generator=gen).to(args.device) for _ in range(4)]
+    batches = [torch.randint(3, 512, (args.batch, args.seq), generator=gen).to(device) for _ in range(4)]
 
-    def step(run, x, measure_saved: bool) -> tuple[float, int]:
+    def step(run, x, saved: SavedBytes | None = None) -> None:
         model, driver, opt = run["model"], run["driver"], run["opt"]
-        saved = SavedBytes(model)
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        with saved.hooks() if measure_saved else _nothing():
+        with saved.hooks() if saved else nullcontext():  # only the forward saves tensors for backward
             loss = model(input_ids=x, labels=x).loss
             if driver is not None:
                 loss = loss + driver.regularization_loss()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - t0
-        mem = torch.cuda.max_memory_allocated() if cuda else saved.total + state_bytes(model, opt)
-        return elapsed, mem
+
+    def memory(run, x) -> int:
+        if cuda:  # absolute peak: the other variants' models stay resident and count too
+            held = torch.cuda.memory_allocated(device)
+            with AllocationTrace(device) as trace:
+                step(run, x)
+            return held + trace.peak
+        saved = SavedBytes(run["model"])
+        step(run, x, saved)
+        return saved.total + state_bytes(run["model"], run["opt"])
 
     for i in range(args.warmup + args.rounds):
         for v in variants:  # one step of each variant in turn, so drifts in machine load hit all alike
-            elapsed, _ = step(runs[v], batches[i % len(batches)], measure_saved=False)
+            elapsed = timed(lambda: step(runs[v], batches[i % len(batches)]), device)
             if i >= args.warmup:
                 runs[v]["times"].append(elapsed)
     for v in variants:  # memory in a separate pass: the saved-tensor hooks cost time
-        runs[v]["mem"] = step(runs[v], batches[0], measure_saved=not cuda)[1]
+        runs[v]["mem"] = memory(runs[v], batches[0])
 
-    base_t = statistics.median(runs["lora"]["times"])
+    base_t = median(runs["lora"]["times"])
     base_m = runs["lora"]["mem"]
     what = "peak CUDA memory" if cuda else "saved activations + params/grads/AdamW state"
     print(f"device {args.device}, threads {args.threads}, hidden {args.hidden}, layers {args.layers}, seq {args.seq}, "
           f"batch {args.batch}, r {args.r}, {args.rounds} alternating rounds")
     print(f"{'variant':>14}  {'median step':>11}  {'time ratio':>10}  {what:>44}  {'memory ratio':>12}")
     for v in variants:
-        t, m = statistics.median(runs[v]["times"]), runs[v]["mem"]
-        print(f"{v:>14}  {t * 1000:>9.1f}ms  {t / base_t:>10.3f}  {m / 2**20:>42.2f}MB  {m / base_m:>12.3f}")
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+        t, m = median(runs[v]["times"]), runs[v]["mem"]
+        print(f"{v:>14}  {t * 1000:>9.1f}ms  {t / base_t:>10.3f}  {m / MiB:>42.2f}MB  {m / base_m:>12.3f}")
 
 
 if __name__ == "__main__":
