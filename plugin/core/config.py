@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from peft import LoraConfig
-from peft.utils import CONFIG_NAME, PeftType
+from peft.utils import CONFIG_NAME
 
 
 class ForgeConfigError(ValueError):
@@ -76,10 +76,6 @@ def register_config(config_cls: type[ForgeConfig]) -> type[ForgeConfig]:
 
     PEFT_TYPE_TO_CONFIG_MAPPING[config_cls.saved_peft_type()] = config_cls
     return config_cls
-
-
-def is_forge_config(config) -> bool:
-    return isinstance(config, ForgeConfig) and config.peft_type == PeftType.LORA
 
 
 def install_target_error_naming() -> None:

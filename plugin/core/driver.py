@@ -80,7 +80,6 @@ class Driver:
         self.layers = sorted(layers, key=lambda layer: module_order(layer.forge_name))
         self.max_steps: Optional[int] = None
         self.managed = False  # a trainer (or the user) called `begin`
-        self.controllers: list[Controller] = []
         self.refuse_sharded()  # before the controllers: some read weights when they are created
         self.controllers = [cls(self) for cls in config.controllers()]
 

@@ -22,6 +22,7 @@ from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.tuners_utils import BufferDict
 from peft.utils.other import transpose
 
+
 def module_order(name: str) -> list:
     """Sort key that puts `layers.2` before `layers.10` (tables follow the model's depth)."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
