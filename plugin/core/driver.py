@@ -36,6 +36,10 @@ class Controller:
     #: weights are shards (see `sharded_weight`).
     supports_sharded_weights: Optional[bool] = None
 
+    #: Why some of this controller's trainable parameters get no gradient in some steps (so DDP must be
+    #: told to look for unused parameters), or None.
+    leaves_parameters_unused: Optional[str] = None
+
     def __init__(self, driver: "Driver") -> None:
         self.driver = driver
 
@@ -49,6 +53,9 @@ class Controller:
 
     def begin(self, max_steps: Optional[int]) -> None:
         """Training starts (or resumes at `driver.step`) with `max_steps` optimizer steps in all."""
+
+    def plan(self, max_steps: Optional[int]) -> None:
+        """A run of `max_steps` optimizer steps starts, under any trainer (plain ones too): warn about it."""
 
     def regularization_loss(self) -> Optional[torch.Tensor]:
         return None
@@ -96,9 +103,19 @@ class Driver:
         self.refuse_sharded()  # the model may have been sharded since the driver was made
         self.max_steps = max_steps
         self.managed = True
+        self.plan(max_steps)
         for c in self.controllers:
             c.begin(max_steps)
         return self
+
+    def plan(self, max_steps: Optional[int]) -> None:
+        """The controllers' warnings about a run of `max_steps`, once per run length (a loraforge trainer
+        reaches it twice: from the callback every Trainer gets and from `begin`)."""
+        if getattr(self, "_planned", None) == max_steps:
+            return
+        self._planned = max_steps
+        for c in self.controllers:
+            c.plan(max_steps)
 
     def regularization_loss(self) -> Optional[torch.Tensor]:
         terms = [t for t in (c.regularization_loss() for c in self.controllers) if t is not None]

@@ -40,6 +40,8 @@ class DeltaLoRAController(Controller):
 
     def begin(self, max_steps: Optional[int]) -> None:
         self._catch_up(self.driver.step)
+
+    def plan(self, max_steps: Optional[int]) -> None:
         if max_steps is not None and max_steps <= self.start_step:
             warnings.warn(
                 f"Delta-LoRA: start_step={self.start_step} >= max_steps={max_steps}, so W will never move and this "

@@ -6,8 +6,9 @@ The gate `g` by phase (the controller in `model.py` tells the axis which phase i
   micro-batch. It is drawn from torch's global RNG on the weights' device, so activation
   checkpointing (which restores the RNG state when it recomputes) sees the same sample;
 - after the window, in training mode: the frozen gate (detached, so the logits get no gradient);
-- in eval mode: the frozen gate once the gates froze, before that the deterministic gate
-  `ĝ = clamp(sigmoid(log_alpha)·(ζ-γ) + γ, 0, 1)`.
+- in eval mode: `g = 1` before the window (the model has only ever been trained with it; the
+  deterministic gate there, 0.5 at log_alpha = 0, would evaluate a half-strength adapter), then the
+  deterministic gate `ĝ = clamp(sigmoid(log_alpha)·(ζ-γ) + γ, 0, 1)`, then the frozen gate.
 
 The frozen gate is what `model.select_gates` chose when the window ended (or when `prune` was
 called): `ĝ` for `prune_budget="gate"`, the exact-budget selection for "exact". Merge and export use
@@ -103,8 +104,12 @@ class HardConcreteGate(Axis):
 
     def init_factors(self) -> None:
         r = self.layer.r[self.adapter]
-        device = self.layer.lora_A[self.adapter].weight.device
-        self.layer.lora_gate_logits[self.adapter] = torch.nn.Parameter(torch.zeros(r, device=device))
+        # The logits on A's device ("meta" under low_cpu_mem_usage: PEFT assigns them from the loaded
+        # state); the buffers on the base weight's, since PEFT moves parameter-less adapter modules
+        # there, which fails from "meta".
+        meta = self.layer.lora_A[self.adapter].weight.device
+        self.layer.lora_gate_logits[self.adapter] = torch.nn.Parameter(torch.zeros(r, device=meta))
+        device = self.layer.get_base_layer().weight.device
         self.layer.lora_gate_frozen[self.adapter] = torch.zeros(r, device=device)
         self.layer.lora_salora_window[self.adapter] = torch.tensor([-1, -1, 0], dtype=torch.long, device=device)
         self.layer.lora_salora_lambda[self.adapter] = torch.zeros(2, device=device)
@@ -126,13 +131,15 @@ class HardConcreteGate(Axis):
         """The gate of eval mode, merge and export."""
         if self.phase == "frozen":
             return self.frozen_gate
+        if self.phase == "ones":
+            return torch.ones_like(self.frozen_gate)
         return self.deterministic().detach()
 
     def rank_gate(self) -> Optional[torch.Tensor]:
+        if self.phase == "ones":
+            return None  # before the window: g = 1 in training and eval mode alike
         if not self.layer.training:
             return self.eval_gate()
-        if self.phase == "ones":
-            return None
         if self.phase == "sample":
             return sample_gate(self.log_alpha, self.config.temperature, self.config.gamma, self.config.zeta)
         if self.phase == "frozen":

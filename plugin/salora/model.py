@@ -136,6 +136,7 @@ class SaLoRAController(Controller):
         "SaLoRA adds its orthogonal regulariser and budget term λ·(C - b)² to the loss and trains its gates "
         "with their own learning rate gate_lr, which a plain trainer does not do"
     )
+    leaves_parameters_unused = "its gate logits get no gradient outside the gate window"
 
     def __init__(self, driver) -> None:
         super().__init__(driver)
