@@ -125,8 +125,8 @@ def forge_layers(model):
 
 
 # save / load ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("low_cpu_mem_usage", [False, True])
-@pytest.mark.parametrize("safe_serialization", [True, False])
+@pytest.mark.parametrize("safe_serialization,low_cpu_mem_usage", [(True, False), (True, True), (False, False)],
+                         ids=["safetensors", "safetensors-low_cpu_mem_usage", "torch_bin"])
 @pytest.mark.parametrize("case", CASES)
 def test_save_and_load_reproduce_the_trained_model(tmp_path, basis, case, safe_serialization, low_cpu_mem_usage):
     model = trained(case, basis)
