@@ -78,15 +78,25 @@ def train(model, steps: int, max_steps: int, seed: int = 0) -> None:
     model.eval()
 
 
-def trained(case: str, basis: str, adapter: str = "default", model=None, seed: int = 0):
-    make, steps, max_steps = CASES[case]
-    if model is None:
-        model = get_peft_model(testing.tiny_llama(0), make(basis), adapter_name=adapter)
-    else:
-        model.add_adapter(adapter, make(basis))
-        model.set_adapter(adapter)
-    train(model, steps, max_steps, seed)
-    return model
+_TRAINED: dict = {}
+
+
+def trained(case: str, basis: str, second: bool = False):
+    """A copy of the case's model trained once per test module: adapter "default" (seed 0) and, with
+    `second`, an adapter "second" of the same config trained after it (seed 1). Copies are for
+    inspection only: a deep copy's layers are not in `LIVE_LAYERS`, so the optimizer hook would not
+    drive further training of a copy."""
+    key = (case, basis, second)
+    if key not in _TRAINED:
+        make, steps, max_steps = CASES[case]
+        model = get_peft_model(testing.tiny_llama(0), make(basis))
+        train(model, steps, max_steps, seed=0)
+        if second:
+            model.add_adapter("second", make(basis))
+            model.set_adapter("second")
+            train(model, steps, max_steps, seed=1)
+        _TRAINED[key] = model
+    return copy.deepcopy(_TRAINED[key])
 
 
 @torch.no_grad()
@@ -231,8 +241,8 @@ def _layer_delta(layer, adapter: str, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("combination_type", ["cat", "svd", "linear"])
 @pytest.mark.parametrize("case", [c for c in CASES if not moved(c)])
 def test_weighted_combinations_of_trained_adapters_are_exact(basis, case, combination_type):
-    model = trained(case, basis)
-    trained(case, basis, adapter="second", model=model, seed=1)
+    model = trained(case, basis, second=True)
+    assert {l.step_count(a) for l in forge_layers(model) for a in ("default", "second")} == {CASES[case][1]}
     x = torch.randn(3, 64, generator=torch.Generator().manual_seed(2))
     if combination_type == "linear":  # combines factors rank by rank: exact for one source
         adapters, weights = ["second"], [-0.6]
@@ -248,8 +258,7 @@ def test_weighted_combinations_of_trained_adapters_are_exact(basis, case, combin
 
 
 def test_linear_combination_of_differently_pruned_adapters_is_refused(basis):
-    model = trained("salora_after", basis)
-    trained("salora_after", basis, adapter="second", model=model, seed=1)
+    model = trained("salora_after", basis, second=True)
     ranks = [{int((l.lora_gate_frozen[a] > 0).sum()) for l in forge_layers(model)} for a in ("default", "second")]
     with pytest.raises(ForgeConfigError, match=r"^combination_type: 'linear' combines A and B rank by rank"):
         model.add_weighted_adapter(["default", "second"], [0.5, 0.5], "mix", combination_type="linear")
