@@ -20,6 +20,8 @@ Persisted per layer (keyed by adapter, saved by PEFT with the adapter and in Tra
 `lora_salora_window` (long: T_start, T_end, frozen code 0=no / 1=gate / 2=exact; -1 = unresolved)
 and `lora_salora_lambda` (float32: λ of the squared term, λ1 of the linear term). The last two hold
 the same values in every layer of an adapter, so any single layer describes the whole adapter.
+All of it keeps its dtype (fp32 / long) through `model.to(dtype)` and PEFT's `autocast_adapter_dtype`
+(core.layer: control state), on purpose: bf16 would round gate_lr steps and λ's increments away.
 """
 from __future__ import annotations
 
