@@ -4,7 +4,6 @@ injection, target_parameters, the dtype of control state, DDP's unused parameter
 warning under a plain Trainer."""
 from __future__ import annotations
 
-import os
 import socket
 import warnings
 
@@ -16,7 +15,6 @@ from transformers import Trainer, TrainingArguments
 import loraforge
 from loraforge import testing
 from loraforge.core.config import ForgeConfigError
-from loraforge.core.layer import ForgeLinear
 from test_peft_ops import TARGETS, X, close, forge_layers, logits, train
 
 
