@@ -81,11 +81,15 @@ def train(model, steps: int, max_steps: int, seed: int = 0) -> None:
 _TRAINED: dict = {}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _forget_trained_models():
+    yield
+    _TRAINED.clear()  # their layers stay in LIVE_LAYERS while alive; later test modules need not see them
+
+
 def trained(case: str, basis: str, second: bool = False):
     """A copy of the case's model trained once per test module: adapter "default" (seed 0) and, with
-    `second`, an adapter "second" of the same config trained after it (seed 1). Copies are for
-    inspection only: a deep copy's layers are not in `LIVE_LAYERS`, so the optimizer hook would not
-    drive further training of a copy."""
+    `second`, an adapter "second" of the same config trained after it (seed 1)."""
     key = (case, basis, second)
     if key not in _TRAINED:
         make, steps, max_steps = CASES[case]

@@ -4,6 +4,7 @@ injection, target_parameters, the dtype of control state, DDP's unused parameter
 warning under a plain Trainer."""
 from __future__ import annotations
 
+import copy
 import socket
 import warnings
 
@@ -182,3 +183,21 @@ def test_a_run_that_never_reaches_start_step_warns_under_any_trainer(tmp_path, l
     ours = [w for w in caught if "start_step=10 >= max_steps=3" in str(w.message)]
     assert len(ours) == 1, [str(w.message) for w in caught]
     assert loraforge.driver(model).step == 3
+
+
+# found on the way: copies ----------------------------------------------------------------------------
+def test_a_deep_copy_trains_like_the_original():
+    """copy.deepcopy rebuilds layers without update_layer; the copy must still be driven (else plain LoRA)."""
+    make = lambda: get_peft_model(testing.tiny_llama(0), loraforge.DeltaLoRAConfig(  # noqa: E731
+        r=4, target_modules=TARGETS, start_step=1, update_ratio=2.0, propagation="in_place"))
+    original, twin = make(), make()
+    copied = copy.deepcopy(twin)
+    train(original, steps=3, max_steps=3)
+    train(copied, steps=3, max_steps=3)
+    assert loraforge.driver(copied).step == 3
+    w = dict(original.named_parameters())
+    moved = 0.0
+    for n, p in copied.named_parameters():
+        torch.testing.assert_close(p, w[n], atol=1e-6, rtol=0)
+        moved = max(moved, float((p - dict(twin.named_parameters())[n]).abs().max()))
+    assert moved > 1e-3

@@ -111,6 +111,13 @@ class ForgeLinear(LoraLinear):
             axis.init_factors()
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
+    def __setstate__(self, state) -> None:
+        # copy.deepcopy and pickle rebuild the layer without __init__ / update_layer: register the copy too,
+        # or the optimizer hook would never see it and a copied model would train as plain LoRA.
+        super().__setstate__(state)
+        if "forge_axes" in self.__dict__:
+            LIVE_LAYERS.add(self)
+
     def set_adapter(self, adapter_names, inference_mode: bool = False) -> None:
         super().set_adapter(adapter_names, inference_mode=inference_mode)
         # PEFT marks every adapter tensor of the active adapter trainable; axes may freeze some (CoRA's B).
