@@ -1,7 +1,7 @@
 """Per-step overhead of each loraforge method against plain PEFT LoRA: aten ops, host syncs, time.
 
 Every method runs on a copy of one base model in one process, with the same targets, rank, batch and
-optimizer (AdamW, default settings), driven the way `LoraForgeTrainer` drives it: each step asks
+optimizer (fused AdamW, the Trainer's default), driven the way `LoraForgeTrainer` drives it: each step asks
 `loraforge.drivers(model)` for the drivers (the trainer does so per micro-batch), adds their
 `regularization_loss()`, and the optimizer hook runs their post-step work. Steps here are not logging
 steps (nothing calls `log_values`). Printed per method:
@@ -105,7 +105,8 @@ class Run:
             loraforge.salora.prune(self.model)
         taken = {id(q) for g in special for q in g["params"]}
         rest = [q for q in self.model.parameters() if q.requires_grad and id(q) not in taken]
-        self.optimizer = torch.optim.AdamW([{"params": rest}, *special], lr=1e-4, weight_decay=0.0)
+        # Fused AdamW: the Trainer's default optimizer ("adamw_torch_fused") with torch >= 2.8.
+        self.optimizer = torch.optim.AdamW([{"params": rest}, *special], lr=1e-4, weight_decay=0.0, fused=True)
         self.times: list[float] = []
 
     def step(self) -> None:
