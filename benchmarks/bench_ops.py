@@ -7,7 +7,9 @@ optimizer (fused AdamW, the Trainer's default), driven the way `LoraForgeTrainer
 steps (nothing calls `log_values`). Printed per method:
 
 - aten ops per step: every `aten::` event torch.profiler records in a step (nested ones included),
-  a proxy for the kernels a GPU would launch and for the per-op cost of small models;
+  the per-op cost of small models; "kernel ops" leaves out the ops that only make views, read
+  metadata or dispatch to another op (`_VIEWS`), a proxy for the kernels a GPU would launch; the
+  GPU preset also counts the kernel launches themselves (`cudaLaunchKernel`);
 - host reads per step: calls that copy a tensor's value to Python (`item`, `float(t)`, `int(t)`,
   `bool(t)`, `tolist`, ...), counted by a `TorchFunctionMode`; on the GPU each is a stall of the
   queue (AdamW's step counters are left out: they stay on the host on a GPU too). The GPU preset also counts the synchronisations torch.cuda reports
@@ -52,6 +54,12 @@ PRESETS = {
     "gpu": dict(device="cuda", dtype="bfloat16", hidden=1024, layers=8, seq=512, batch=4, r=16, rounds=30, threads=None,
                 targets="q_proj,k_proj,v_proj,o_proj,up_proj,down_proj"),
 }
+# Ops that launch no kernel of their own: views, metadata, dispatch wrappers around a counted op.
+_VIEWS = {"as_strided", "view", "reshape", "_reshape_alias", "_unsafe_view", "t", "transpose", "mT", "numpy_T",
+          "permute", "expand", "unsqueeze", "squeeze", "diagonal", "select", "slice", "narrow", "unbind", "split",
+          "split_with_sizes", "alias", "detach", "detach_", "resolve_conj", "resolve_neg", "lift_fresh",
+          "result_type", "to", "_to_copy", "contiguous", "matmul", "linear", "item", "empty", "empty_strided",
+          "empty_like", "new_empty", "flatten", "chunk", "_has_compatible_shallow_copy_type"}
 _READS = {"item", "tolist", "numpy", "__float__", "__int__", "__bool__", "__index__", "__complex__", "__len__"}
 
 
@@ -120,13 +128,20 @@ class Run:
         self.optimizer.zero_grad(set_to_none=True)
 
 
-def count_ops(run: Run, steps: int) -> float:
+def count_ops(run: Run, steps: int, device: torch.device) -> tuple[float, float, float]:
+    """(aten ops, kernel ops, CUDA kernel launches; nan on the CPU) per step."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
         for _ in range(steps):
             run.step()
-    return sum(e.count for e in prof.key_averages() if e.key.startswith("aten::")) / steps
+        sync(device)
+    events = prof.key_averages()
+    aten = [e for e in events if e.key.startswith("aten::")]
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+    return (sum(e.count for e in aten) / steps, sum(e.count for e in aten if e.key[6:] not in _VIEWS) / steps,
+            launches / steps if device.type == "cuda" else float("nan"))
 
 
 def count_reads(run: Run, steps: int, device: torch.device) -> tuple[float, float]:
@@ -193,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         for run in runs.values():  # warm-up: first-step work (snapshots, optimizer state) out of the way
             run.step()
             run.step()
-        ops = {n: count_ops(runs[n], args.profile_steps) for n in names}
+        ops = {n: count_ops(runs[n], args.profile_steps, device) for n in names}
         reads = {n: count_reads(runs[n], args.profile_steps, device) for n in names}
         ratios: dict[str, list[float]] = {n: [] for n in names}
         cpu_clock = device.type == "cpu" and torch.get_num_threads() == 1
@@ -207,14 +222,18 @@ def main(argv: list[str] | None = None) -> int:
                 ratios[n].append(t[n] / t["lora"])
     print(load_average())
     rows = []
+    cuda = device.type == "cuda"
     for n in names:
         r = sorted(ratios[n])
         q1, q3 = r[len(r) // 4], r[(3 * len(r)) // 4]
-        rows.append([n, f"{ops[n]:.0f}", f"{ops[n] / ops['lora']:.3f}", f"{reads[n][0]:.1f}",
-                     "-" if reads[n][1] != reads[n][1] else f"{reads[n][1]:.1f}",
+        (a, k, l), (a0, k0, l0) = ops[n], ops["lora"]
+        rows.append([n, f"{a:.0f}", f"{a / a0:.3f}", f"{k:.0f}", f"{k / k0:.3f}",
+                     *([f"{l:.0f}", f"{l / l0:.3f}"] if cuda else []), f"{reads[n][0]:.1f}",
+                     *([f"{reads[n][1]:.1f}"] if cuda else []),
                      f"{median(runs[n].times) * 1e3:.2f}", f"{median(ratios[n]):.3f}", f"[{q1:.3f}, {q3:.3f}]"])
-    print(table(rows, ["method", "aten ops/step", "ops ×LoRA", "host reads/step", "cuda syncs/step",
-                       "step ms", "time ×LoRA", "IQR"]))
+    print(table(rows, ["method", "aten ops/step", "×LoRA", "kernel ops/step", "×LoRA",
+                       *(["CUDA launches/step", "×LoRA"] if cuda else []), "host reads/step",
+                       *(["cuda syncs/step"] if cuda else []), "step ms", "time ×LoRA", "IQR"]))
     return 0
 
 
