@@ -149,7 +149,6 @@ class SaLoRAController(Controller):
         self._weights: dict = {}  # rank_weight shaped like `sampler.logits()`, per device
         self.sampler = GateSampler(self.axes)  # all layers' gates in one draw per forward
         self._last_density: Optional[torch.Tensor] = None
-        self._phase: Optional[str] = None
         self.sync()
 
     # state -----------------------------------------------------------------------------------
@@ -164,9 +163,6 @@ class SaLoRAController(Controller):
 
     def _set_phases(self) -> None:
         phase = phase_at(self.step, self.start, self.end, self.frozen)
-        if phase == self._phase and all(a.phase == phase for a in self.axes):
-            return  # unchanged since the last step (the logits' grads were cleared then)
-        self._phase = phase
         for axis in self.axes:
             axis.phase = phase
         if phase != "sample":
