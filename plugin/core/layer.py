@@ -31,6 +31,15 @@ def module_order(name: str) -> list:
 # Every live ForgeLinear, so that an optimizer hook can find the layers whose parameters it steps.
 LIVE_LAYERS: "weakref.WeakSet[ForgeLinear]" = weakref.WeakSet()
 
+# Bumped whenever the set of adapters, their configs or the active ones may change (a new adapter or
+# injection, set_adapter, delete_adapter, unload): `core.driver.drivers` caches its walk over
+# `model.modules()` under this number, so a trainer does not walk the model on every micro-batch.
+ADAPTER_GENERATION = [0]
+
+
+def adapters_changed() -> None:
+    ADAPTER_GENERATION[0] += 1
+
 
 class Axis:
     """Base of the per-layer pieces. Subclasses override only what their axis changes."""
@@ -84,6 +93,7 @@ class ForgeLinear(LoraLinear):
     other_param_names = LoraLinear.other_param_names + ("lora_forge_step",)
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config, **kwargs) -> None:
+        adapters_changed()
         from .config import ForgeConfig  # late: config.py imports this module
 
         if not isinstance(config, ForgeConfig):
@@ -119,6 +129,7 @@ class ForgeLinear(LoraLinear):
             LIVE_LAYERS.add(self)
 
     def set_adapter(self, adapter_names, inference_mode: bool = False) -> None:
+        adapters_changed()
         super().set_adapter(adapter_names, inference_mode=inference_mode)
         # PEFT marks every adapter tensor of the active adapter trainable; axes may freeze some (CoRA's B).
         active = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
@@ -131,6 +142,7 @@ class ForgeLinear(LoraLinear):
         """PEFT's delete, plus every piece of loraforge state of that adapter: the axes' `lora_*`
         holders that PEFT does not list (gate buffers, Delta-LoRA snapshots, ...), the axes, config and
         driver, and what an axis wrote into `W` (in-place Delta-LoRA rewinds to the original weight)."""
+        adapters_changed()
         for axis in getattr(self, "forge_axes", {}).get(adapter_name, []):
             axis.remove()
         super().delete_adapter(adapter_name)
@@ -181,7 +193,16 @@ class ForgeLinear(LoraLinear):
             if adapter_name in holder and not holder[adapter_name].is_meta:
                 _apply_keeping_dtype(holder, lambda t: t.to(target), only=adapter_name)
 
+    def unload_and_optionally_merge_module(self, merge: bool, safe_merge: bool, adapter_names) -> torch.nn.Module:
+        """PEFT's `unload` / `merge_and_unload` replace this layer by the base layer returned here."""
+        adapters_changed()
+        if merge:
+            self.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+        return self.get_base_layer()
+
     def refresh_axes(self) -> None:
+        for driver in self.forge_drivers.values():
+            driver.forget_step()  # a load may have restored another step count
         for axes in self.forge_axes.values():
             for axis in axes:
                 axis.refresh()
@@ -236,7 +257,7 @@ class ForgeLinear(LoraLinear):
             hidden = lora_a(self.lora_dropout[adapter](xa))
             gate = self.gate_values(adapter)
             if gate is not None:
-                hidden = hidden * gate.to(hidden.dtype)
+                hidden = hidden * (gate if gate.dtype == hidden.dtype else gate.to(hidden.dtype))
             result = result + lora_b(hidden) * self.scaling[adapter]
             for axis in self.forge_axes.get(adapter, []):
                 extra = axis.extra_output(xa)
