@@ -100,9 +100,10 @@ def _cora_extract(p):
 
 
 def _eval_style(p):
-    p.add_argument("--model", help="base model folder that generates the rewrites (or --hypotheses)")
+    p.add_argument("--model", help="base model folder that generates the rewrites (default: none; give --model or --hypotheses)")
     p.add_argument("--adapter", help="adapter folder to load on --model (default: none, the base model)")
-    p.add_argument("--hypotheses", help="score this file of rewrites (one per input) instead of generating")
+    p.add_argument("--hypotheses", help="score this file of rewrites (one per input) instead of generating "
+                                        "(default: none, generate with --model)")
     p.add_argument("--task", required=True, choices=STYLE_TASKS, help="transfer direction")
     p.add_argument("--inputs", required=True, help="source sentences, one per line")
     p.add_argument("--references", required=True, nargs="+",
