@@ -3,6 +3,7 @@ heat map's title, the short classifier base name, `train-kenlm` folders, `eval-s
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import yaml
@@ -28,14 +29,17 @@ def test_alpaca_dataset_gives_trl_prompt_completion_rows(tmp_path):
         alpaca_dataset([records[0], {"instruction": "x"}])
 
 
-def test_train_names_its_outputs_and_ranks_png_has_the_training_title(tmp_path, tiny_model_dir, capsys):
+def test_train_names_its_outputs_warns_nothing_of_checkpointing_and_ranks_png_has_its_title(tmp_path, tiny_model_dir, capsys):
     out = tmp_path / "run"
     job = {"model": tiny_model_dir, "max_length": 160,
            "adapter": {"method": "salora", "r": 4, "target_modules": ["q_proj", "v_proj"], "target_density": 0.5},
            "training": {"output_dir": str(out), "max_steps": 2, "report_to": [], "use_cpu": True,
                         "save_strategy": "no", "disable_tqdm": True, "per_device_train_batch_size": 2}}
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
-    assert main(["train", str(tmp_path / "job.yaml")]) == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # over pytest's filters: every warning the run raises is seen
+        assert main(["train", str(tmp_path / "job.yaml")]) == 0
+    assert not [w for w in caught if "checkpointing" in str(w.message)], [str(w.message) for w in caught]
     printed = capsys.readouterr().out.splitlines()
     assert f"adapter saved to {out}" in printed
     assert f"rank table: {out / 'salora_ranks.txt'} (numbers: {out / 'salora_ranks.json'})" in printed
@@ -46,6 +50,12 @@ def test_train_names_its_outputs_and_ranks_png_has_the_training_title(tmp_path, 
 
     assert main(["ranks", str(out), "--png", str(tmp_path / "again.png")]) == 0
     assert Image.open(tmp_path / "again.png").text["Title"] == trained_title
+
+    # export without --base: the base comes from the adapter's own config
+    capsys.readouterr()
+    assert main(["export", str(out), "--out", str(tmp_path / "stock")]) == 0
+    assert f"from base {tiny_model_dir} to" in capsys.readouterr().out
+    assert json.loads((tmp_path / "stock" / "adapter_config.json").read_text())["peft_type"] == "LORA"
 
 
 def test_minilm_short_name_resolves_inside_the_wheel():
