@@ -192,6 +192,30 @@ COMMANDS = {
 }
 
 
+# Checks of the commonest mistakes (a mistyped path) that need no import, so that they are answered
+# at once rather than after the seconds `import loraforge` takes; the commands call them too.
+def check_config_file(path: str | None) -> None:
+    if path is not None and not os.path.isfile(path):
+        raise UsageError(f"no config file {path!r}; pass a YAML file (examples in example_configs/train/) "
+                         "or no argument for the shipped quickstart")
+
+
+def check_adapter_dir(path: str, files=("adapter_config.json", "adapter_model.safetensors")) -> None:
+    if not os.path.isdir(path):
+        raise UsageError(f"no adapter folder {path!r}; pass the output_dir of a training run (it holds "
+                         "adapter_config.json)")
+    for name in files:
+        if not os.path.isfile(os.path.join(path, name)):
+            raise UsageError(f"{path} holds no {name}; pass a folder written by save_pretrained / save_model")
+
+
+PRECHECKS = {
+    "train": lambda a: check_config_file(a.config),
+    "ranks": lambda a: check_adapter_dir(a.adapter),
+    "export": lambda a: check_adapter_dir(a.adapter, ("adapter_config.json",)),
+}
+
+
 def build_parser(name: str) -> argparse.ArgumentParser:
     _, _, _, description, add_arguments, epilog = COMMANDS[name]
     parser = _parser(name, description, epilog)
@@ -252,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     module, func = COMMANDS[name][:2]
     try:
+        PRECHECKS.get(name, lambda a: None)(args)
         return int(getattr(importlib.import_module(module), func)(args) or 0)
     except Exception as error:
         if debug or not is_user_error(error):
@@ -261,4 +286,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m loraforge_cli`: run the importable copy, whose UsageError the commands raise.
+    from loraforge_cli import main as _main
+
+    sys.exit(_main())

@@ -30,10 +30,10 @@ class TrainConfigError(ValueError):
 def load_config(path: str | None) -> dict:
     if path is None:
         text = resources.files("loraforge.data").joinpath("quickstart.yaml").read_text()
-    elif not Path(path).is_file():
-        raise TrainConfigError(f"no config file {path!r}; pass a YAML file (examples in example_configs/train/) "
-                               "or no argument for the shipped quickstart")
     else:
+        from loraforge_cli import check_config_file
+
+        check_config_file(path)
         text = Path(path).read_text()
     try:
         cfg = yaml.safe_load(text) or {}

@@ -73,17 +73,6 @@ def stock_summary(path: str) -> dict:
     return {"modules": rows, "export_ranks": sum(r["export_rank"] for r in rows), "metadata": meta}
 
 
-def check_adapter_dir(path: str) -> None:
-    from loraforge_cli import UsageError
-
-    if not os.path.isdir(path):
-        raise UsageError(f"no adapter folder {path!r}; pass the output_dir of a training run (it holds "
-                         "adapter_config.json)")
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
-        if not os.path.isfile(os.path.join(path, name)):
-            raise UsageError(f"{path} holds no {name}; pass a folder written by save_pretrained / save_model")
-
-
 def ranks_main(argv: list[str]) -> int:
     from loraforge_cli import parse
 
@@ -92,7 +81,7 @@ def ranks_main(argv: list[str]) -> int:
 
 def ranks(args) -> int:
     """`loraforge ranks` with parsed arguments (see loraforge_cli)."""
-    from loraforge_cli import UsageError
+    from loraforge_cli import UsageError, check_adapter_dir
 
     check_adapter_dir(args.adapter)
     config, _ = read_adapter(args.adapter)
