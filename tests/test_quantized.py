@@ -114,8 +114,11 @@ def check_trained(method, model, before, losses, basis):
             with torch.no_grad():
                 got = l(x) - l.get_base_layer()(x)
                 s = l.scaling["default"]
-                want = 2 * s * (x @ a.T @ b.T) - s * (x @ ak.T @ bk.T)
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+                xd, ad, bd, akd, bkd = (t.detach().double() for t in (x.to(a.dtype), a, b, ak, bk))
+                want = (2 * s * (xd @ ad.T @ bd.T) - s * (xd @ akd.T @ bkd.T)).float()
+            # TRL keeps QLoRA adapters in bf16 (the QLoRA paper's recipe): compare to bf16 accuracy there
+            tol = 1e-5 if a.dtype == torch.float32 else 2e-2 * float(want.abs().max())
+            torch.testing.assert_close(got.float(), want, rtol=1e-4 if a.dtype == torch.float32 else 2e-2, atol=tol)
         else:
             module = l.forge_name
             torch.testing.assert_close(b, load_file(basis)[module][:, :4].to(b.dtype), rtol=0, atol=0)
@@ -188,11 +191,13 @@ def test_trains_through_trl_with_kbit_preparation_and_gradient_checkpointing(tmp
     trainer = cls(model=base, args=sft, train_dataset=text, processing_class=testing.tiny_tokenizer(),
                   peft_config=method_config(method, basis))
     model = trainer.model
-    assert model.base_model.model.is_gradient_checkpointing
     before = initial_state(model)
     if method == "cora":  # A starts at zero and trains; the fixture's state is what the config built
         assert all(a.abs().max() == 0 for a, _ in before.values())
     trainer.train()
+    # TRL ran prepare_model_for_kbit_training (frozen base, fp32 norms) and training used checkpointing.
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    assert model.get_input_embeddings().weight.dtype == torch.float32 and not model.get_input_embeddings().weight.requires_grad
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     check_trained(method, model, before, losses, basis)
 
