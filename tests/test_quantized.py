@@ -30,7 +30,7 @@ from loraforge import CoRAConfig, DeltaLoRAConfig, SaLoRAConfig, testing  # noqa
 from loraforge.core.config import ForgeConfigError  # noqa: E402
 from loraforge.core.driver import sharded_weight  # noqa: E402
 from loraforge.core.layer import ForgeLinear  # noqa: E402
-from loraforge.core.quantized import ForgeLinear4bit, ForgeLinear8bitLt  # noqa: E402
+from loraforge.core.quantized import ForgeLinear4bit, ForgeLinear8bitLt, dense_weight  # noqa: E402
 from loraforge.cora.extract import extract_basis  # noqa: E402
 
 TARGETS = ["q_proj", "v_proj"]
@@ -256,28 +256,31 @@ def test_merge_on_a_quantised_base_is_peft_loras_merge(trained, tiny_model_dir, 
     """Merging requantises W + ΔW as PEFT LoRA does on the same base (its rounding warning included):
     the merged weights equal those of PEFT LoRA merging the same update, so the merge error is PEFT's."""
     run = trained[(method, quant)]
-    ours = loraforge.load_adapter(load_base(tiny_model_dir, quant), str(run["dir"] / "adapter"))
-    before = logits(ours)
+    before = logits(run["model"])  # = the loaded adapter's and the stock export's (tests above)
     stock = tmp_path / "stock"
-    loraforge.export_lora(ours, str(stock))
+    loraforge.export_lora(run["model"], str(stock))
+    # Fresh copies that ran no eval forward: on a CPU with AVX512-BF16, bnb's eval forward repacks a
+    # 4-bit weight for its kernel (absmax in bf16); both sides merge from the standard layout.
+    ours = loraforge.load_adapter(load_base(tiny_model_dir, quant), str(run["dir"] / "adapter"))
     peft_lora = PeftModel.from_pretrained(load_base(tiny_model_dir, quant), str(stock))
-    peft_before = logits(peft_lora)
+    exact = {l.forge_name: dense_weight(l.get_base_layer()).float() + l.get_delta_weight("default").detach().float()
+             for l in layers(ours)}
     with pytest.warns(UserWarning, match="rounding errors"):
         merged = ours.merge_and_unload()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         peft_merged = peft_lora.merge_and_unload()
-    names = [n for n, m in merged.named_modules() if n.endswith(tuple(TARGETS))]
     bnb_cls = bnb.nn.Linear4bit if quant == "4bit" else bnb.nn.Linear8bitLt
-    for name in names:
+    for name, want in exact.items():
         ours_w, peft_w = merged.get_submodule(name), peft_merged.get_submodule(name)
         assert type(ours_w) is bnb_cls  # requantised in place, as PEFT does
         a, b = dequantize_module_weight(ours_w).float(), dequantize_module_weight(peft_w).float()
-        # The same quantised weight, up to ΔW's float rounding flipping a rare value into the next bin.
-        assert (a != b).float().mean() < 0.01, name
-    ours_err = (logits(merged) - before).abs().max()
-    peft_err = (logits(peft_merged) - peft_before).abs().max()
-    assert ours_err > 0 and ours_err == pytest.approx(float(peft_err), rel=0.25)
+        # PEFT's quantised weight, up to ΔW's float rounding flipping values near a bin edge: far
+        # closer to PEFT's merged weight than the merged weights are to the exact W + ΔW.
+        assert float((a - b).norm()) <= 0.25 * float((b - want).norm()) + 1e-6, name
+    ours_err = float((logits(merged) - before).abs().max())
+    peft_err = float((logits(peft_merged) - before).abs().max())
+    assert ours_err > 0 and ours_err == pytest.approx(peft_err, rel=0.25)
 
 
 @pytest.mark.parametrize("quant", list(QUANT))

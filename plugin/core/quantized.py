@@ -4,7 +4,7 @@
 delta with gates and folded terms) on top of PEFT's own `peft.tuners.lora.bnb.Linear4bit` /
 `Linear8bitLt`, from which they take what only a quantised weight needs: merge and unmerge
 (dequantise, add `get_delta_weight`, requantise, with PEFT's warning about rounding) and the LoRA
-variant resolution. The forward stays `ForgeLinear.forward` (one place): it calls the bnb base
+variant resolution (4-bit: after undoing bnb's CPU repacking, see `standard_layout`). The forward stays `ForgeLinear.forward` (one place): it calls the bnb base
 layer and adds our adapter term out of place, so PEFT's defensive `result.clone()` for 4-bit
 (needed only for its in-place `+=`) is not needed.
 
@@ -68,7 +68,20 @@ def quantization_name(base_layer: torch.nn.Module) -> str:
 def dense_weight(base_layer: torch.nn.Module) -> torch.Tensor:
     """The base weight as a dense float (out, in) tensor: the weight itself when it is not quantised,
     else a dequantised copy (costs one weight-sized buffer; only used outside the training step)."""
+    standard_layout(base_layer)
     return dequantize_module_weight(base_layer)
+
+
+def standard_layout(base_layer: torch.nn.Module) -> None:
+    """Undo bnb's CPU repacking of a 4-bit weight. On a CPU with AVX512-BF16, `Linear4bit.forward` in
+    eval mode without grad repacks the weight for its CPU kernel (`quant_state.packing_format_for_cpu`);
+    `dequantize_4bit`, and so PEFT's bnb merge, then read the packed bytes as if they were the standard
+    layout and return wrong numbers. bnb's own state-dict save converts back the same way."""
+    weight = getattr(base_layer, "weight", None)
+    if getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False):
+        from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
+
+        weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
 
 
 def stored_shape(weight: torch.Tensor, shape: tuple[int, int]) -> tuple[int, ...]:
@@ -138,8 +151,13 @@ if bnb is not None:
     class ForgeLinear4bit(_ForgeBnb, ForgeLinear, peft_bnb.Linear4bit):
         """loraforge's layer on a bitsandbytes `Linear4bit` (NF4 / FP4) base."""
 
-        merge = peft_bnb.Linear4bit.merge
-        unmerge = peft_bnb.Linear4bit.unmerge
+        def merge(self, *args, **kwargs) -> None:
+            standard_layout(self.get_base_layer())
+            peft_bnb.Linear4bit.merge(self, *args, **kwargs)
+
+        def unmerge(self) -> None:
+            standard_layout(self.get_base_layer())
+            peft_bnb.Linear4bit.unmerge(self)
         resolve_lora_variant = peft_bnb.Linear4bit.resolve_lora_variant
 
     class ForgeLinear8bitLt(_ForgeBnb, ForgeLinear, peft_bnb.Linear8bitLt):
