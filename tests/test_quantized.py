@@ -320,3 +320,38 @@ def test_other_quantisation_backends_are_refused_naming_the_backend():
         model.add_module("head", torch.nn.Linear(8, 8))  # PEFT reads the device from a parameter
         with pytest.raises(ForgeConfigError, match=rf"^target_modules: proj is a {backend}-quantised .*bitsandbytes"):
             get_peft_model(model, DeltaLoRAConfig(target_modules=["proj"]))
+
+
+def test_loraforge_train_loads_the_base_in_4bit_from_the_yaml_key(tmp_path, tiny_model_dir, monkeypatch):
+    """`load_in_4bit: true` in a `loraforge train` YAML trains on a bnb NF4 base (the layers say so)."""
+    import yaml
+
+    from loraforge.core.sft import LoraForgeSFTTrainer
+    from loraforge.train import main
+
+    seen = {}
+    original = LoraForgeSFTTrainer.train
+
+    def spy(self, *a, **k):
+        seen["layers"] = [type(l) for l in layers(self.model)]
+        seen["quant"] = self.model.get_base_model().config.quantization_config
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(LoraForgeSFTTrainer, "train", spy)
+    job = {"model": tiny_model_dir, "max_length": 160, "load_in_4bit": True,
+           "adapter": {"method": "delta_lora", "target_modules": TARGETS, "start_step": 1},
+           "training": {"output_dir": str(tmp_path / "out"), "max_steps": 2, "per_device_train_batch_size": 4,
+                        "report_to": [], "use_cpu": True, "save_strategy": "no", "disable_tqdm": True}}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    assert main([str(tmp_path / "job.yaml")]) == 0
+    assert seen["layers"] == [ForgeLinear4bit] * 4
+    q = seen["quant"]
+    q = q if isinstance(q, dict) else q.to_dict()
+    assert q["load_in_4bit"] and q["bnb_4bit_quant_type"] == "nf4" and q["bnb_4bit_use_double_quant"]
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["peft_type"] == "LORAFORGE_DELTA_LORA"
+    job["load_in_8bit"] = True
+    (tmp_path / "both.yaml").write_text(yaml.safe_dump(job))
+    from loraforge.train import TrainConfigError, load_config
+
+    with pytest.raises(TrainConfigError, match="^load_in_8bit: set one of"):
+        load_config(str(tmp_path / "both.yaml"))
