@@ -191,6 +191,9 @@ def test_trains_through_trl_with_kbit_preparation_and_gradient_checkpointing(tmp
     trainer = cls(model=base, args=sft, train_dataset=text, processing_class=testing.tiny_tokenizer(),
                   peft_config=method_config(method, basis))
     model = trainer.model
+    if method == "salora":  # TRL's QLoRA cast left A and B in bf16; the gate logits stay fp32
+        assert all(l.lora_A["default"].weight.dtype == torch.bfloat16 for l in layers(model))
+        assert all(l.lora_gate_logits["default"].dtype == torch.float32 for l in layers(model))
     before = initial_state(model)
     if method == "cora":  # A starts at zero and trains; the fixture's state is what the config built
         assert all(a.abs().max() == 0 for a, _ in before.values())
