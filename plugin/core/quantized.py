@@ -135,6 +135,13 @@ class _ForgeBnb:
         torch.nn.Module.__init__(self)
         LoraLayer.__init__(self, base_layer, **kwargs)
         self.fan_in_fan_out = False
+        # bnb 0.50's CPU eval forward repacks a 4-bit weight for its AVX512-BF16 kernel, and every
+        # state_dict() (PEFT's save and export call it) converts it back, lossily: on the tiny test
+        # Llama the logits drift by 0.02-0.03 after one save. A saved adapter must reproduce the
+        # trained model, so our layers keep bnb's standard 4-bit path (CPU inference speed only).
+        if hasattr(base_layer, "support_avx512bf16_for_cpu"):
+            standard_layout(base_layer)
+            base_layer.support_avx512bf16_for_cpu = False
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
 
