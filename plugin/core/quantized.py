@@ -4,7 +4,7 @@
 delta with gates and folded terms) on top of PEFT's own `peft.tuners.lora.bnb.Linear4bit` /
 `Linear8bitLt`, from which they take what only a quantised weight needs: merge and unmerge
 (dequantise, add `get_delta_weight`, requantise, with PEFT's warning about rounding) and the LoRA
-variant resolution (4-bit: after undoing bnb's CPU repacking, see `standard_layout`). The forward stays `ForgeLinear.forward` (one place): it calls the bnb base
+variant resolution. The forward stays `ForgeLinear.forward` (one place): it calls the bnb base
 layer and adds our adapter term out of place, so PEFT's defensive `result.clone()` for 4-bit
 (needed only for its in-place `+=`) is not needed.
 
@@ -17,6 +17,12 @@ Decisions:
   full-precision layer, so nothing changes there); shapes come from the layer (`in_features`,
   `out_features`) or `stored_shape`, never from the packed storage.
 - `fan_in_fan_out` is forced to False as PEFT's bnb layers do: a bnb weight is always (out, in).
+- bnb 0.50's CPU repacking of 4-bit weights for eval is turned off on our bases (see
+  `_ForgeBnb.__init__`): it is undone lossily by every `state_dict()`, so saved adapters would stop
+  reproducing the trained model. Merge and dequantisation first undo a repack done before wrapping
+  (`standard_layout`), else PEFT's merge would read packed bytes as the standard layout.
+- Trainable adapter tensors may be bf16 while a frozen one stays fp32 (TRL casts only trainable
+  tensors on k-bit bases): the forward casts the rank-r hidden to B's dtype (core/layer.py).
 - The other quantisation backends PEFT's LoRA dispatches (GPTQ, AWQ, AQLM, HQQ, EETQ, torchao,
   INC) are refused with one line naming the backend: PEFT would otherwise build its plain LoRA
   layer for them and the method would silently train as LoRA.
