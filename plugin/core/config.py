@@ -43,12 +43,11 @@ class ForgeConfig(LoraConfig):
         super().__post_init__()
         import torch.nn as nn
 
-        from .quantized import forge_linear, quantized_layers, refuse_backend  # late: they import this module
+        from .quantized import forge_linear, refuse_backend  # late: it imports this module
 
-        # First isinstance match wins: bnb linears (nn.Linear subclasses) before nn.Linear; any other
+        # nn.Linear (and bnb's 4-bit / 8-bit linears, its subclasses) -> loraforge's layers; any other
         # targeted module (GPTQ, AWQ, HQQ, ... layers) is refused rather than left to PEFT's plain LoRA.
-        self._register_custom_module({**quantized_layers(), nn.Linear: forge_linear,
-                                      **{cls: _refuse_layer for cls in _unsupported_layers()},
+        self._register_custom_module({nn.Linear: forge_linear, **{cls: _refuse_layer for cls in _unsupported_layers()},
                                       nn.Module: refuse_backend})
         self.validate()
 

@@ -9,9 +9,8 @@ layer and adds our adapter term out of place, so PEFT's defensive `result.clone(
 (needed only for its in-place `+=`) is not needed.
 
 Decisions:
-- Dispatch goes through the same `_register_custom_module` mapping as `nn.Linear` (core/config.py);
-  the bnb classes come first because `bnb.nn.Linear4bit` / `Linear8bitLt` are `nn.Linear`
-  subclasses and PEFT takes the first `isinstance` match.
+- Dispatch goes through the same `_register_custom_module` entry as `nn.Linear` (core/config.py):
+  bnb's linears are `nn.Linear` subclasses, and `forge_linear` routes them to the bnb layers.
 - Code that needs the base weight as numbers (Delta-LoRA's W_0 fingerprint, its merge term) asks
   `dense_weight`, which dequantises with PEFT's `dequantize_module_weight` (the weight itself for a
   full-precision layer, so nothing changes there); shapes come from the layer (`in_features`,
@@ -38,12 +37,6 @@ from peft.utils.integrations import dequantize_module_weight
 
 from .config import ForgeConfigError
 from .layer import ForgeLinear
-
-try:
-    import bitsandbytes as bnb
-    from peft.tuners.lora import bnb as peft_bnb
-except ImportError:  # bitsandbytes is optional: full-precision bases need nothing from it
-    bnb = peft_bnb = None
 
 #: Top-level package of a quantised layer's class -> the backend's name in messages.
 BACKENDS = {
@@ -125,9 +118,20 @@ def refuse_backend(target, adapter_name, config=None, target_name="", **kwargs):
 
 
 def forge_linear(target, adapter_name, config=None, **kwargs):
-    """`nn.Linear` dispatch: refuse a weight quantised by another backend (torchao keeps `nn.Linear`
-    and swaps the weight for a tensor subclass), else build a `ForgeLinear`."""
+    """`nn.Linear` dispatch (bnb's linears are `nn.Linear` subclasses): a bnb base gets
+    `ForgeLinear4bit` / `ForgeLinear8bitLt`, a weight quantised by another backend is refused
+    (torchao keeps `nn.Linear` and swaps the weight for a tensor subclass), else `ForgeLinear`.
+    Routing here rather than by extra mapping keys keeps `import loraforge` free of bitsandbytes
+    (a model with bnb layers has imported it already)."""
     base = target.get_base_layer() if hasattr(target, "get_base_layer") else target
+    if type(base).__module__.startswith("bitsandbytes"):
+        import bitsandbytes as bnb
+
+        classes = bnb_classes()
+        for bnb_cls, name in ((bnb.nn.Linear4bit, "ForgeLinear4bit"), (bnb.nn.Linear8bitLt, "ForgeLinear8bitLt")):
+            if isinstance(base, bnb_cls):
+                return classes[name](target, adapter_name, config=config, **kwargs)
+        refuse_backend(target, adapter_name, config=config, **kwargs)
     if _backend(base) is not None:
         refuse_backend(target, adapter_name, config=config, **kwargs)
     return ForgeLinear(target, adapter_name, config=config, **kwargs)
@@ -152,14 +156,15 @@ class _ForgeBnb:
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
 
 
-def quantized_layers() -> dict:
-    """The `_register_custom_module` entries for bnb bases (empty without bitsandbytes)."""
-    if bnb is None:
-        return {}
-    return {bnb.nn.Linear4bit: ForgeLinear4bit, bnb.nn.Linear8bitLt: ForgeLinear8bitLt}
+_CLASSES: dict[str, type] = {}
 
 
-if bnb is not None:
+def bnb_classes() -> dict[str, type]:
+    """`ForgeLinear4bit` and `ForgeLinear8bitLt`, defined on first use (they subclass PEFT's bnb
+    layers, which import bitsandbytes)."""
+    if _CLASSES:
+        return _CLASSES
+    from peft.tuners.lora import bnb as peft_bnb
 
     class ForgeLinear4bit(_ForgeBnb, ForgeLinear, peft_bnb.Linear4bit):
         """loraforge's layer on a bitsandbytes `Linear4bit` (NF4 / FP4) base."""
@@ -171,6 +176,7 @@ if bnb is not None:
         def unmerge(self) -> None:
             standard_layout(self.get_base_layer())
             peft_bnb.Linear4bit.unmerge(self)
+
         resolve_lora_variant = peft_bnb.Linear4bit.resolve_lora_variant
 
     class ForgeLinear8bitLt(_ForgeBnb, ForgeLinear, peft_bnb.Linear8bitLt):
@@ -179,3 +185,14 @@ if bnb is not None:
         merge = peft_bnb.Linear8bitLt.merge
         unmerge = peft_bnb.Linear8bitLt.unmerge
         resolve_lora_variant = peft_bnb.Linear8bitLt.resolve_lora_variant
+
+    for cls in (ForgeLinear4bit, ForgeLinear8bitLt):
+        cls.__module__ = __name__
+        _CLASSES[cls.__name__] = cls
+    return _CLASSES
+
+
+def __getattr__(name: str):
+    if name in ("ForgeLinear4bit", "ForgeLinear8bitLt"):
+        return bnb_classes()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
