@@ -168,7 +168,8 @@ def test_dispatch_builds_forge_bnb_layers_with_the_hand_computed_forward(quant, 
     x = torch.randn(3, l.in_features, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         a, b = l.lora_A["default"].weight, l.lora_B["default"].weight
-        g = l.gate_values("default")  # eval-mode gate ĝ
+        g = l.gate_values("default")  # eval-mode gate: None (= 1) before SaLoRA's window
+        g = 1.0 if g is None else g
         want = l.scaling["default"] * ((x @ a.T) * g) @ b.T  # s·B diag(ĝ) A x on top of bnb's own W x
         torch.testing.assert_close(l(x) - l.get_base_layer()(x), want, rtol=1e-4, atol=1e-5)
         assert want.abs().max() > 1e-2
