@@ -4,6 +4,8 @@ Keys (all optional but `adapter`; with no config at all the shipped quickstart r
 lists the same keys, from `loraforge_cli.TRAIN_KEYS`, and a test keeps both in step with TOP_KEYS):
   model: local folder or hub id (null: the embedded SmolLM2-135M-Instruct)
   dtype: float32 (default) | bfloat16 | float16: the dtype the base weights are loaded in
+  load_in_4bit / load_in_8bit: true: load the base quantised by bitsandbytes (QLoRA: NF4 with double
+    quantisation, compute in `dtype`; or LLM.int8), the key names TRL's ModelConfig and Axolotl use
   data: a .json/.jsonl file of Alpaca records {instruction, input, output} (null: the shipped set)
   max_length: tokens per example (default 256)
   adapter: {method: salora | delta_lora | cora, ...fields of that method's config}
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-TOP_KEYS = {"model", "dtype", "data", "max_length", "adapter", "training"}
+TOP_KEYS = {"model", "dtype", "load_in_4bit", "load_in_8bit", "data", "max_length", "adapter", "training"}
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -50,6 +52,8 @@ def load_config(path: str | None) -> dict:
         raise TrainConfigError(f"unknown top-level key(s) {sorted(unknown)}; allowed: {sorted(TOP_KEYS)}")
     if cfg.get("dtype", "float32") not in DTYPES:
         raise TrainConfigError(f"dtype: {cfg['dtype']!r} is not one of {list(DTYPES)}")
+    if cfg.get("load_in_4bit") and cfg.get("load_in_8bit"):
+        raise TrainConfigError("load_in_8bit: set one of load_in_4bit / load_in_8bit, not both")
     if not isinstance(cfg.get("adapter"), dict) or "method" not in cfg["adapter"]:
         raise TrainConfigError("adapter: a block with `method: salora | delta_lora | cora` is required")
     return cfg
@@ -70,6 +74,21 @@ def adapter_config(block: dict):
         raise TrainConfigError(f"adapter: unknown field(s) {sorted(unknown)} for {cls.__name__}")
     block.setdefault("task_type", "CAUSAL_LM")
     return cls(**block)
+
+
+def quantization(cfg: dict, dtype):
+    """The bitsandbytes config of `load_in_4bit` / `load_in_8bit` (None: full precision). 4-bit is the
+    QLoRA recipe (NF4, double quantisation), computing in the run's `dtype`."""
+    if cfg.get("load_in_4bit"):
+        from transformers import BitsAndBytesConfig
+
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=dtype)
+    if cfg.get("load_in_8bit"):
+        from transformers import BitsAndBytesConfig
+
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
 
 
 def alpaca_prompt(record: dict) -> str:
@@ -149,7 +168,8 @@ def run(cfg: dict) -> str:
     tok = AutoTokenizer.from_pretrained(model_path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, cfg.get("dtype") or "float32"))
+    dtype = getattr(torch, cfg.get("dtype") or "float32")
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, quantization_config=quantization(cfg, dtype))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_LIBRARY_DEPRECATIONS, category=FutureWarning)
         trainer = LoraForgeSFTTrainer(
