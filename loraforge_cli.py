@@ -32,7 +32,8 @@ TRAIN_KEYS = """\
 YAML keys (all optional but `adapter`; with no config the shipped quickstart runs):
   model:       local model folder (null: the embedded SmolLM2-135M-Instruct)
   dtype:       float32 (default) | bfloat16 | float16, the dtype the base weights load in
-  load_in_4bit / load_in_8bit: true: load the base quantised by bitsandbytes (QLoRA NF4, or LLM.int8)
+  load_in_4bit: true: load the base in 4-bit NF4 by bitsandbytes (QLoRA), computing in `dtype`
+  load_in_8bit: true: load the base in 8-bit by bitsandbytes (LLM.int8)
   data:        .json / .jsonl file of Alpaca records {instruction, input, output}
                (null: the shipped 318-record plugin/data/alpaca_mini.jsonl)
   max_length:  tokens per example (default 256)
