@@ -22,6 +22,7 @@ from typing import Optional
 
 import torch
 
+from . import sharding
 from .layer import LIVE_LAYERS, ForgeLinear, module_order
 
 
@@ -33,7 +34,7 @@ class Controller:
     #: Whether it works when FSDP / DeepSpeed ZeRO-3 keep only a shard of each weight on a rank. None:
     #: inferred: a controller with work of its own (`__init__`, `begin`, `regularization_loss`,
     #: `on_step_end`) reads whole adapter or base weights outside the model's forward, where sharded
-    #: weights are shards (see `sharded_weight`).
+    #: weights are shards; it works only with the layouts core/sharding.py reads (`unsupported`).
     supports_sharded_weights: Optional[bool] = None
 
     def __init__(self, driver: "Driver") -> None:
@@ -131,19 +132,15 @@ class Driver:
         return out
 
     def refuse_sharded(self) -> None:
-        """Refuse, before any update, controllers that need whole weights when the weights are sharded."""
+        """Refuse, before any update, sharding that loraforge cannot read whole weights from (core/sharding.py)."""
         needing = [cls for cls in self.config.controllers() if _reads_whole_weights(cls)]
-        where = sharded_weight(self.layers, self.adapter) if needing else None
+        where = sharding.unsupported(self.layers, self.adapter) if needing else None
         if where is None:
             return
         raise RuntimeError(
-            f"{type(self.config).__name__} cannot train with sharded weights: {where}. Its "
+            f"{type(self.config).__name__} cannot train with these sharded weights: {where}. Its "
             f"{', '.join(cls.__name__ for cls in needing)} reads whole adapter or base weights outside the model's "
-            "forward (e.g. Delta-LoRA's snapshot and its update of W, SaLoRA's regulariser and λ), and FSDP "
-            "(FULL_SHARD / SHARD_GRAD_OP / HYBRID_SHARD, fully_shard) and DeepSpeed ZeRO-3 keep only a shard of each "
-            "weight on a rank there. Train with DDP (accelerate launch --multi_gpu), FSDP with "
-            "sharding_strategy=NO_SHARD, or DeepSpeed ZeRO stage 1 or 2, which keep whole weights on every rank. "
-            "No parameter has been updated."
+            "forward. No parameter has been updated."
         )
 
     def refuse_unmanaged(self) -> None:
@@ -178,30 +175,7 @@ def _reads_whole_weights(cls: type) -> bool:
     return any(getattr(cls, h) is not getattr(Controller, h) for h in hooks)
 
 
-def sharded_weight(layers: list[ForgeLinear], adapter: str) -> Optional[str]:
-    """Where a rank holds only part of an adapted layer's weight (None: every weight is whole).
-
-    FSDP2 (`fully_shard`) makes parameters DTensors; DeepSpeed ZeRO-3 marks partitioned ones with
-    `ds_id`; FSDP1 replaces them, outside its forward, by 1-D views of a flat shard, so a weight
-    whose shape is not its layer's shape is a shard."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
-        DTensor = ()
-    for layer in layers:
-        d_out, d_in, r = layer.out_features, layer.in_features, layer.r[adapter]
-        base = (d_in, d_out) if layer.fan_in_fan_out else (d_out, d_in)
-        for name, t, shape in (("base_layer.weight", layer.get_base_layer().weight, base),
-                               (f"lora_A.{adapter}.weight", layer.lora_A[adapter].weight, (r, d_in)),
-                               (f"lora_B.{adapter}.weight", layer.lora_B[adapter].weight, (d_out, r))):
-            what = f"{layer.forge_name}.{name}"
-            if isinstance(t, DTensor):
-                return f"{what} is a DTensor with placements {tuple(t.placements)} (FSDP2 / tensor parallel)"
-            if hasattr(t, "ds_id"):
-                return f"{what} is partitioned by DeepSpeed ZeRO-3"
-            if tuple(t.shape) != shape:
-                return f"{what} has shape {tuple(t.shape)}, not {shape} (an FSDP flat-parameter shard)"
-    return None
+sharded_weight = sharding.sharded_weight  # where a rank holds a shard (kept importable from here)
 
 
 def _driver_for(config, adapter: str, layers: list[ForgeLinear]) -> Driver:
@@ -226,6 +200,7 @@ def _group(layers) -> dict[tuple[int, str], tuple]:
 
 def drivers(model: torch.nn.Module) -> list[Driver]:
     """The drivers of the trainable (active) loraforge adapters in `model`."""
+    sharding.register(model)  # FSDP1 units, when `model` is the wrapped model
     layers = [m for m in model.modules() if isinstance(m, ForgeLinear)]
     out = []
     for config, adapter, group in _group(layers).values():

@@ -14,6 +14,8 @@ from .layer import DeltaPropagation
 
 
 class DeltaLoRAController(Controller):
+    supports_sharded_weights = True  # factors and W are read and written through core/sharding.py
+
     def __init__(self, driver) -> None:
         super().__init__(driver)
         self.config = driver.config

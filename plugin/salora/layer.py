@@ -28,6 +28,7 @@ from typing import Optional
 import torch
 from peft.tuners.tuners_utils import BufferDict
 
+from ..core import sharding
 from ..core.layer import Axis
 
 FROZEN_CODES = {0: None, 1: "gate", 2: "exact"}
@@ -93,6 +94,10 @@ class HardConcreteGate(Axis):
     def log_alpha(self) -> torch.nn.Parameter:
         return self.layer.lora_gate_logits[self.adapter]
 
+    def logits(self) -> torch.Tensor:
+        """log_alpha whole (under FSDP / ZeRO-3 outside the forward `log_alpha` is this rank's shard)."""
+        return sharding.whole(self.layer, "lora_gate_logits", self.adapter)
+
     @property
     def frozen_gate(self) -> torch.Tensor:
         return self.layer.lora_gate_frozen[self.adapter]
@@ -120,7 +125,7 @@ class HardConcreteGate(Axis):
 
     # the gate --------------------------------------------------------------------------------
     def deterministic(self) -> torch.Tensor:
-        return deterministic_gate(self.log_alpha, self.config.gamma, self.config.zeta)
+        return deterministic_gate(self.logits(), self.config.gamma, self.config.zeta)
 
     def eval_gate(self) -> torch.Tensor:
         """The gate of eval mode, merge and export."""

@@ -32,6 +32,7 @@ from typing import Optional
 
 import torch
 
+from ..core import sharding
 from ..core.driver import Controller
 from ..core.layer import ForgeLinear
 from .layer import BUDGET_CODES, HardConcreteGate, expected_gate, phase_at, prob_nonzero
@@ -48,7 +49,7 @@ def gate_axes(layers: list[ForgeLinear], adapter: str) -> list[HardConcreteGate]
 
 
 def module_gates(axes: list[HardConcreteGate]) -> list[ModuleGates]:
-    return [ModuleGates(a.layer.forge_name, a.log_alpha.detach(), a.eval_gate().detach(),
+    return [ModuleGates(a.layer.forge_name, a.logits().detach(), a.eval_gate().detach(),
                         a.layer.in_features, a.layer.out_features) for a in axes]
 
 
@@ -61,7 +62,7 @@ def select_gates(axes: list[HardConcreteGate], budget: str) -> list[torch.Tensor
         return det
     if budget != "exact":
         raise ValueError(f"budget: must be 'gate' or 'exact', got {budget!r}")
-    prob = torch.cat([prob_nonzero(a.log_alpha.detach().float(), cfg.temperature, cfg.gamma, cfg.zeta) for a in axes]).cpu()
+    prob = torch.cat([prob_nonzero(a.logits().detach().float(), cfg.temperature, cfg.gamma, cfg.zeta) for a in axes]).cpu()
     gate = torch.cat(det).cpu()
     weight = torch.cat([torch.full((a.layer.r[a.adapter],), float(a.layer.in_features + a.layer.out_features),
                                    dtype=torch.float64) for a in axes])
@@ -75,7 +76,7 @@ def select_gates(axes: list[HardConcreteGate], budget: str) -> list[torch.Tensor
     for a, g in zip(axes, det):
         n = g.numel()
         k = keep[offset:offset + n].to(g.device)
-        mean = expected_gate(a.log_alpha.float(), cfg.temperature, cfg.gamma, cfg.zeta).clamp_min(torch.finfo(torch.float32).tiny)
+        mean = expected_gate(a.logits().float(), cfg.temperature, cfg.gamma, cfg.zeta).clamp_min(torch.finfo(torch.float32).tiny)
         out.append(torch.where(k, torch.where(g > 0, g, mean), torch.zeros_like(g)))
         offset += n
     return out
@@ -131,6 +132,7 @@ def gate_summary(model: torch.nn.Module, adapter: str = "default") -> dict:
 
 
 class SaLoRAController(Controller):
+    supports_sharded_weights = True  # it reads A, B and the logits through core/sharding.py
     salora = True  # marks the controller the gate axes re-sync after a load
     needs_trainer = (
         "SaLoRA adds its orthogonal regulariser and budget term λ·(C - b)² to the loss and trains its gates "
@@ -179,7 +181,7 @@ class SaLoRAController(Controller):
     # quantities ------------------------------------------------------------------------------
     def expected_density(self) -> torch.Tensor:
         cfg = self.config
-        logits = torch.cat([a.log_alpha for a in self.axes])
+        logits = torch.cat([a.logits() for a in self.axes])
         weight = self.rank_weight.to(logits.device)
         return (prob_nonzero(logits.float(), cfg.temperature, cfg.gamma, cfg.zeta) * weight).sum() / self.total_weight
 
@@ -187,8 +189,8 @@ class SaLoRAController(Controller):
         """||BᵀB - I||_F² + ||AAᵀ - I||_F² per layer, in float32 whatever the autocast."""
         out = []
         for a in self.axes:
-            b = a.layer.lora_B[self.adapter].weight
-            w = a.layer.lora_A[self.adapter].weight
+            b = sharding.whole(a.layer, "lora_B", self.adapter)  # whole under FSDP / ZeRO-3, with the gradient
+            w = sharding.whole(a.layer, "lora_A", self.adapter)
             with torch.autocast(device_type=b.device.type, enabled=False):
                 b, w = b.float(), w.float()
                 eye = torch.eye(b.shape[1], device=b.device)
