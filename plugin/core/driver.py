@@ -58,6 +58,9 @@ class Controller:
         """Param groups with settings of their own; their params leave the trainer's default groups."""
         return []
 
+    def before_step(self) -> None:
+        """Right before an optimizer step, the gradients complete (from the optimizer hook)."""
+
     def on_step_end(self, step: int, max_steps: Optional[int]) -> None:
         """After optimizer step number `step` (1-based) has been applied."""
 
@@ -108,7 +111,12 @@ class Driver:
     def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
         return [g for c in self.controllers for g in c.param_groups(lr, weight_decay)]
 
+    def before_step(self) -> None:
+        for c in self.controllers:
+            c.before_step()
+
     def on_step_end(self) -> None:
+        sharding.stepped()  # what earlier forwards captured is stale now
         for layer in self.layers:
             layer.lora_forge_step[self.adapter].add_(1)
         step = self.step
@@ -164,7 +172,7 @@ def _adapter_parameters(layer: ForgeLinear, adapter: str) -> list[torch.nn.Param
         holder = getattr(layer, name, None)
         if holder is not None and adapter in holder:
             item = holder[adapter]
-            params.extend([item] if isinstance(item, torch.nn.Parameter) else item.parameters())
+            params.extend([item] if isinstance(item, torch.Tensor) else item.parameters())
     return params
 
 
@@ -241,6 +249,7 @@ def _pre_step(optimizer, args, kwargs) -> None:
         if d.step == 0:  # the first update; later, `begin` (trainers, resumes) and new drivers check
             d.refuse_sharded()
         d.refuse_unmanaged()
+        d.before_step()
 
 
 @torch.no_grad()

@@ -33,10 +33,16 @@ try:
 except ImportError:  # torch built without distributed
     DTensor, Replicate, Shard = (), (), ()
 
-# FSDP1 original parameter -> (its flat parameter, index in it). FSDP1 keeps no link from the
-# parameter back; it is learnt from the FSDP units (`register`) or from a forward (`capture`).
-_FLAT: "weakref.WeakKeyDictionary[torch.Tensor, tuple]" = weakref.WeakKeyDictionary()
+# id(FSDP1 original parameter) -> (weak refs to it and its flat parameter, index in it). FSDP1 keeps no
+# link from the parameter back; it is learnt from the FSDP units (`register`) or from a forward
+# (`capture`). Keyed by id: tensors compare elementwise, so they cannot be dictionary keys.
+_FLAT: dict[int, tuple] = {}
 ADAPTER_TENSORS = ("lora_A", "lora_B", "lora_gate_logits")
+_STEPS = [0]  # optimizer steps seen: a capture from before the latest step is stale
+
+
+def stepped() -> None:
+    _STEPS[0] += 1
 
 
 def _flat_parameter_cls():
@@ -54,7 +60,14 @@ def tensor_of(layer, name: str, adapter: str) -> torch.Tensor:
 
 def _register_flat(flat) -> None:
     for i, p in enumerate(flat._params or ()):
-        _FLAT[p] = (flat, i)
+        _FLAT[id(p)] = (weakref.ref(p), weakref.ref(flat), i)
+
+
+def _flat_of(t: torch.Tensor) -> Optional[tuple]:
+    entry = _FLAT.get(id(t))
+    if entry is None or entry[0]() is not t or entry[1]() is None:
+        return None
+    return entry[1](), entry[2]
 
 
 def register(model: torch.nn.Module) -> None:
@@ -81,7 +94,7 @@ def engine(t: torch.Tensor) -> Optional[str]:
         return "fsdp2"
     if hasattr(t, "ds_id"):
         return None if _zero3_gathered(t) else "zero3"
-    entry = _FLAT.get(t)
+    entry = _flat_of(t)
     if entry is not None:
         flat, i = entry
         # Decided from the unit (the same on every rank), not the local shape: a rank holding all of a
@@ -97,10 +110,10 @@ def capture(layer) -> None:
         for adapter, item in getattr(layer, name, {}).items():
             t = item.weight if isinstance(item, torch.nn.Module) else item
             base = getattr(t, "_base", None)
-            if isinstance(base, _flat_parameter_cls()) and base._params is not None and base._params[0] not in _FLAT:
+            if isinstance(base, _flat_parameter_cls()) and base._params is not None and _flat_of(base._params[0]) is None:
                 _register_flat(base)
             if torch.is_grad_enabled() and t.requires_grad and (hasattr(t, "ds_id") or isinstance(base, _flat_parameter_cls())):
-                layer.forge_captured[(name, adapter)] = t.clone()
+                layer.forge_captured[(name, adapter)] = (_STEPS[0], t.clone())
 
 
 def whole(layer, name: str, adapter: str) -> torch.Tensor:
@@ -112,10 +125,11 @@ def whole(layer, name: str, adapter: str) -> torch.Tensor:
     if torch.is_grad_enabled() and t.requires_grad:
         if kind == "fsdp2":
             return t.full_tensor()
-        seen = getattr(layer, "forge_captured", {}).get((name, adapter))
-        if seen is None:
+        step, seen = getattr(layer, "forge_captured", {}).get((name, adapter), (None, None))
+        if step != _STEPS[0]:
             raise RuntimeError(f"{layer.forge_name}.{name}.{adapter} is sharded by {kind} and no forward of this layer "
-                               "ran in grad mode: a loss term that reads the adapter must follow the model's forward")
+                               "ran in grad mode since the last optimizer step: a loss term that reads the adapter must "
+                               "follow the model's forward (or read it under torch.no_grad())")
         return seen
     return gather(t)
 
@@ -133,7 +147,7 @@ def gather(t: torch.Tensor) -> torch.Tensor:
 
         with deepspeed.zero.GatheredParameters([t], modifier_rank=None):
             return t.detach().clone()
-    flat, i = _FLAT[t]
+    flat, i = _flat_of(t)
     info, shape = flat._shard_param_infos[i], flat._shapes[i]
     n = info.numel_in_shard if info.in_shard else 0
     start = info.intra_param_start_idx if info.in_shard else 0
@@ -170,7 +184,7 @@ def local_flat(w: torch.Tensor) -> tuple[torch.Tensor, int]:
         start = w.partition_numel() * torch.distributed.get_rank(group=w.ds_process_group)
         n = max(0, min(part.numel(), w.ds_numel - start))
         return part.data.view(-1)[:n], start
-    flat, i = _FLAT[w]
+    flat, i = _flat_of(w)
     info = flat._shard_param_infos[i]
     return (w.data.view(-1), info.intra_param_start_idx) if info.in_shard else (w.data.view(-1)[:0], 0)
 
@@ -195,7 +209,7 @@ def _replicas(w: torch.Tensor, kind: str) -> int:
         return int(torch.tensor(sizes or [1]).prod())
     if kind == "zero3":
         return world // torch.distributed.get_world_size(group=w.ds_process_group)
-    flat, _ = _FLAT[w]
+    flat, _ = _flat_of(w)
     return world * flat._sharded_size.numel() // flat._padded_unsharded_size.numel()
 
 

@@ -234,6 +234,13 @@ class SaLoRAController(Controller):
         return [{"params": [a.log_alpha for a in self.axes], "lr": self.config.gate_lr, "weight_decay": 0.0,
                  "loraforge_constant_lr": True, "name": "salora_gates"}]
 
+    def before_step(self) -> None:
+        # Outside the window the logits must take no step: FSDP1 hands every parameter a gradient
+        # (zeros where none flowed), which AdamW would turn into momentum and a step count.
+        if not self.in_window():
+            for axis in self.axes:
+                axis.log_alpha.grad = None
+
     @torch.no_grad()
     def on_step_end(self, step: int, max_steps: Optional[int]) -> None:
         was_inside = self.in_window()  # the step just taken (number `step`) ran inside the window
