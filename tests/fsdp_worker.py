@@ -139,7 +139,7 @@ def run_resume(case: str, engine: str, out: str, tag: str, full: bool = False) -
     logs: list = []
     first, wrapped, driver, opt = build(case, engine)
     train(wrapped, driver, opt, range(4), rows, logs)
-    model_sd, optim_sd = get_state_dict(wrapped, opt, options=StateDictOptions(full_state_dict=full, cpu_offload=full))
+    model_sd, optim_sd = get_state_dict(wrapped, opt, options=StateDictOptions(full_state_dict=full))
     rng = torch.get_rng_state()
     if full:
         if rank == 0:
@@ -173,6 +173,7 @@ def run_resume_full(case: str, engine: str, out: str, tag: str) -> None:
 
 CASES = ["salora", "delta_in_place", "delta_folded"]
 ENGINES = ["fsdp2", "fsdp1"]
+RESUME_ENGINES = ["fsdp2", "fsdp1"]
 
 
 def main(argv: list[str]) -> int:
@@ -184,10 +185,8 @@ def main(argv: list[str]) -> int:
         torch.distributed.init_process_group("gloo")
         tag = f"rank{torch.distributed.get_rank()}"
         jobs = [(case, engine, run) for engine in ENGINES for case in CASES]
-        jobs += [(case, "fsdp2", run_resume) for case in CASES]
-        # Full state dicts: torch's set_state_dict cannot load a full optimizer state in which some
-        # parameters (SaLoRA's gate logits before the window) have no state yet, so Delta-LoRA only.
-        jobs += [(case, "fsdp2", run_resume_full) for case in CASES if case != "salora"]
+        jobs += [(case, engine, fn) for engine in RESUME_ENGINES for fn in (run_resume, run_resume_full)
+                 for case in CASES]
     for case, engine, fn in jobs:
         name = f"{engine or 'single'}-{case}" + {run_resume: "-resume", run_resume_full: "-resume-full"}.get(fn, "")
         if only and name not in only:

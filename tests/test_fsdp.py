@@ -9,7 +9,7 @@ hold after 8 AdamW steps (SaLoRA's window 2..6 inside the run; Delta-LoRA's K = 
 - the sharded run equals the single process to 1e-5: the engines average two half-batch gradients
   (float32 round-off, observed ≤ 2.4e-6), a loss term counted per rank or read from a shard, a gate
   stepped outside the window or W updated from the wrong rows moves weights by ~lr = 1e-2 per step;
-- a run checkpointed after step 4 (FSDP2, sharded DCP; Delta-LoRA also full state dicts) and
+- a run checkpointed after step 4 (model and optimizer, sharded DCP or full state dicts) and
   resumed in a fresh model ends where the uninterrupted run ends.
 """
 from __future__ import annotations
@@ -85,7 +85,7 @@ def test_sharded_training_equals_one_process(runs, engine, case):
     pick = lambda part: [v for k, v in state.items() if part in k]  # noqa: E731
     if case == "salora":
         assert all(float(v[0]) > 0 for v in pick(".lora_salora_lambda.")), "λ never ascended"
-        assert all(v.tolist() == [2, 6, 1] for v in pick(".lora_salora_window.")), "gates did not freeze at step 6"
+        assert all(v.tolist()[:2] == [2, 6] and v.tolist()[2] != 0 for v in pick(".lora_salora_window.")), "no freeze"
         assert logs[1]["salora/expected_density"] != logs[5]["salora/expected_density"], "gates never trained"
         assert logs[6]["salora/expected_density"] == logs[7]["salora/expected_density"], "gates moved after freezing"
     else:
@@ -93,7 +93,8 @@ def test_sharded_training_equals_one_process(runs, engine, case):
         assert logs[-1]["delta_lora/w_shift_norm"] > 0.1
 
 
-@pytest.mark.parametrize("name", ["salora-resume", "delta_in_place-resume", "delta_folded-resume",
-                                  "delta_in_place-resume-full", "delta_folded-resume-full"])
-def test_resume_from_fsdp2_checkpoint_equals_uninterrupted_run(runs, name):
-    _check(runs, f"fsdp2-{name}", name.split("-")[0])
+@pytest.mark.parametrize("engine", ["fsdp2", "fsdp1"])
+@pytest.mark.parametrize("kind", ["resume", "resume-full"])
+@pytest.mark.parametrize("case", CASES)
+def test_resume_from_fsdp_checkpoint_equals_uninterrupted_run(runs, engine, kind, case):
+    _check(runs, f"{engine}-{case}-{kind}", case)

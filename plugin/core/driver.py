@@ -244,7 +244,20 @@ def _drivers_of_optimizer(optimizer: torch.optim.Optimizer) -> list[Driver]:
     return found
 
 
+def _state_init_step(optimizer: torch.optim.Optimizer) -> bool:
+    """torch.distributed.checkpoint creates a fresh optimizer's state by a step with lr 0 and zero
+    gradients (`_init_optim_state`; accelerate's FSDP2 optimizer loading runs it on resume). It is
+    no training step: counting it would put the adapter one step ahead of the trainer."""
+    if any(float(g.get("lr", 0.0)) != 0.0 for g in optimizer.param_groups):
+        return False
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    return all(not (t.to_local() if hasattr(t, "to_local") else t).any() for t in grads)
+
+
 def _pre_step(optimizer, args, kwargs) -> None:
+    optimizer._loraforge_skip = _state_init_step(optimizer)
+    if optimizer._loraforge_skip:
+        return
     for d in _drivers_of_optimizer(optimizer):
         if d.step == 0:  # the first update; later, `begin` (trainers, resumes) and new drivers check
             d.refuse_sharded()
@@ -254,6 +267,8 @@ def _pre_step(optimizer, args, kwargs) -> None:
 
 @torch.no_grad()
 def _post_step(optimizer, args, kwargs) -> None:
+    if getattr(optimizer, "_loraforge_skip", False):
+        return
     for d in _drivers_of_optimizer(optimizer):
         d.on_step_end()
 
