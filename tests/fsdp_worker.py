@@ -116,6 +116,18 @@ def adapter_state(peft_model, case: str) -> dict:
     return state
 
 
+def save_adapter(peft_model, wrapped, path: str) -> None:
+    """What `trainer.save_model()` does under FSDP with FULL_STATE_DICT (accelerate's
+    `get_state_dict`: the full state dict gathered to CPU; `save_pretrained` on the main process)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    # cpu_offload=False: the tensors are on the CPU already (FSDP1 with cpu_offload=True crashes on CPU in torch 2.13)
+    sd = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True))
+    if torch.distributed.get_rank() == 0:
+        peft_model.save_pretrained(path, state_dict=sd)
+    torch.distributed.barrier()
+
+
 def run(case: str, engine: str | None, out: str, tag: str) -> None:
     world = torch.distributed.get_world_size() if engine else 1
     rank = torch.distributed.get_rank() if engine else 0
@@ -123,6 +135,8 @@ def run(case: str, engine: str | None, out: str, tag: str) -> None:
     peft_model, wrapped, driver, opt = build(case, engine)
     logs: list = []
     train(wrapped, driver, opt, range(MAX_STEPS), slice(rank * per, rank * per + per), logs)
+    if engine:
+        save_adapter(peft_model, wrapped, os.path.join(out, f"adapter-{engine}-{case}"))
     torch.save({"state": adapter_state(peft_model, case), "logs": logs, "steps": driver.step},
                os.path.join(out, f"{engine or 'single'}-{case}.{tag}.pt"))
 

@@ -98,3 +98,34 @@ def test_sharded_training_equals_one_process(runs, engine, case):
 @pytest.mark.parametrize("case", CASES)
 def test_resume_from_fsdp_checkpoint_equals_uninterrupted_run(runs, engine, kind, case):
     _check(runs, f"{engine}-{case}-{kind}", case)
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", "fsdp1"])
+@pytest.mark.parametrize("case", CASES)
+def test_adapter_saved_under_fsdp_loads_and_exports_in_one_process(runs, engine, case, tmp_path):
+    """The adapter written from the sharded run (the full state dict, as trainer.save_model() writes
+    it under FSDP) loads onto the ORIGINAL base in one process with the trained state (in place:
+    W_0 + D rebuilt on load equals the trained W), and `export_lora` writes a stock PEFT adapter
+    that computes the same function."""
+    from peft import PeftModel
+
+    import loraforge
+    from loraforge import testing
+
+    one = _load(runs, f"single-{case}", "single")["state"]
+    model = loraforge.load_adapter(testing.tiny_llama(seed=0), str(runs / f"adapter-{engine}-{case}"))
+    loaded = {k: v for k, v in [*model.named_parameters(), *model.named_buffers()] if ".lora_" in k}
+    if case == "delta_in_place":
+        loaded.update({k: v for k, v in model.named_parameters() if k.endswith("base_layer.weight") and
+                       k in one})
+    assert loaded.keys() == one.keys()
+    for key, value in one.items():
+        torch.testing.assert_close(loaded[key].detach(), value, atol=TOL, rtol=0, msg=lambda m: f"{key}: {m}")
+    model.eval()
+    ids = torch.randint(3, 512, (2, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    loraforge.export_lora(model, str(tmp_path / "stock"))
+    stock = PeftModel.from_pretrained(testing.tiny_llama(seed=0), str(tmp_path / "stock")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(stock(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)
