@@ -187,11 +187,15 @@ def run_resume_full(case: str, engine: str, out: str, tag: str) -> None:
 
 CASES = ["salora", "delta_in_place", "delta_folded"]
 ENGINES = ["fsdp2", "fsdp1"]
-RESUME_ENGINES = ["fsdp2", "fsdp1"]
+# Every case from a sharded FSDP2 checkpoint; the other engine x state-dict kinds once each.
+RESUMES = [(case, "fsdp2", "run_resume") for case in CASES] + [
+    ("salora", "fsdp2", "run_resume_full"), ("salora", "fsdp1", "run_resume"),
+    ("delta_in_place", "fsdp1", "run_resume_full")]
 
 
 def main(argv: list[str]) -> int:
     out, mode, only = argv[0], argv[1], set(argv[2:])
+    resumes = [(case, engine, globals()[fn]) for case, engine, fn in RESUMES]
     if mode == "single":
         jobs = [(case, None, run) for case in CASES]
         tag = "single"
@@ -199,8 +203,7 @@ def main(argv: list[str]) -> int:
         torch.distributed.init_process_group("gloo")
         tag = f"rank{torch.distributed.get_rank()}"
         jobs = [(case, engine, run) for engine in ENGINES for case in CASES]
-        jobs += [(case, engine, fn) for engine in RESUME_ENGINES for fn in (run_resume, run_resume_full)
-                 for case in CASES]
+        jobs += resumes
     for case, engine, fn in jobs:
         name = f"{engine or 'single'}-{case}" + {run_resume: "-resume", run_resume_full: "-resume-full"}.get(fn, "")
         if only and name not in only:

@@ -93,10 +93,9 @@ def test_sharded_training_equals_one_process(runs, engine, case):
         assert logs[-1]["delta_lora/w_shift_norm"] > 0.1
 
 
-@pytest.mark.parametrize("engine", ["fsdp2", "fsdp1"])
-@pytest.mark.parametrize("kind", ["resume", "resume-full"])
-@pytest.mark.parametrize("case", CASES)
-def test_resume_from_fsdp_checkpoint_equals_uninterrupted_run(runs, engine, kind, case):
+@pytest.mark.parametrize("engine, case, kind", [("fsdp2", case, "resume") for case in CASES] + [
+    ("fsdp2", "salora", "resume-full"), ("fsdp1", "salora", "resume"), ("fsdp1", "delta_in_place", "resume-full")])
+def test_resume_from_fsdp_checkpoint_equals_uninterrupted_run(runs, engine, case, kind):
     _check(runs, f"{engine}-{case}-{kind}", case)
 
 

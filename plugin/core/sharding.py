@@ -267,3 +267,24 @@ def sharded_weight(layers, adapter: str) -> Optional[str]:
             if tuple(t.shape) != shape:
                 return f"{what} has shape {tuple(t.shape)}, not {shape} (an FSDP1 flat-parameter shard)"
     return None
+
+
+def install_peft_fsdp1_names() -> None:
+    """Make PEFT find the adapter in a full state dict of an FSDP1-wrapped model.
+
+    PEFT 0.21 selects the adapter's entries by the names of its tuner layers; FSDP1's auto-wrapping
+    puts `_fsdp_wrapped_module.` into those names but not into the state dict's keys (FSDP cleans
+    them), so `save_pretrained(state_dict=...)` (what `trainer.save_model()` does under FSDP) wrote
+    an empty adapter. Strip the wrapper names from the prefixes; nothing changes without FSDP1."""
+    from peft.tuners import tuners_utils
+
+    original = tuners_utils._get_tuner_state_dict_key_prefixes
+    if getattr(original, "_loraforge", False):
+        return
+
+    def prefixes(model, *args, **kwargs):
+        found = original(model, *args, **kwargs)
+        return {p.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "") for p in found}
+
+    prefixes._loraforge = True
+    tuners_utils._get_tuner_state_dict_key_prefixes = prefixes
