@@ -45,12 +45,10 @@ def stepped() -> None:
     _STEPS[0] += 1
 
 
-def _flat_parameter_cls():
-    try:
-        from torch.distributed.fsdp._flat_param import FlatParameter
-    except ImportError:
-        return ()
-    return FlatParameter
+try:
+    from torch.distributed.fsdp._flat_param import FlatParameter
+except ImportError:  # torch built without distributed
+    FlatParameter = ()
 
 
 def tensor_of(layer, name: str, adapter: str) -> torch.Tensor:
@@ -98,8 +96,9 @@ def engine(t: torch.Tensor) -> Optional[str]:
     if entry is not None:
         flat, i = entry
         # Decided from the unit (the same on every rank), not the local shape: a rank holding all of a
-        # 1-D tensor must still join the gather that the others need.
-        if flat._sharded_size != flat._padded_unsharded_size or tuple(t.shape) != tuple(flat._shapes[i]):
+        # 1-D tensor must still join the gather that the others need. (Sizes set when FSDP1 shards,
+        # before its lazy init: a driver may read the factors before the first forward.)
+        if flat._sharded_size.numel() < flat._unpadded_unsharded_size.numel() or tuple(t.shape) != tuple(flat._shapes[i]):
             return "fsdp1"
     return None
 
@@ -110,9 +109,9 @@ def capture(layer) -> None:
         for adapter, item in getattr(layer, name, {}).items():
             t = item.weight if isinstance(item, torch.nn.Module) else item
             base = getattr(t, "_base", None)
-            if isinstance(base, _flat_parameter_cls()) and base._params is not None and _flat_of(base._params[0]) is None:
+            if isinstance(base, FlatParameter) and base._params is not None and _flat_of(base._params[0]) is None:
                 _register_flat(base)
-            if torch.is_grad_enabled() and t.requires_grad and (hasattr(t, "ds_id") or isinstance(base, _flat_parameter_cls())):
+            if torch.is_grad_enabled() and t.requires_grad and (hasattr(t, "ds_id") or isinstance(base, FlatParameter)):
                 layer.forge_captured[(name, adapter)] = (_STEPS[0], t.clone())
 
 
@@ -210,7 +209,7 @@ def _replicas(w: torch.Tensor, kind: str) -> int:
     if kind == "zero3":
         return world // torch.distributed.get_world_size(group=w.ds_process_group)
     flat, _ = _flat_of(w)
-    return world * flat._sharded_size.numel() // flat._padded_unsharded_size.numel()
+    return max(1, world * flat._sharded_size.numel() // flat._unpadded_unsharded_size.numel())
 
 
 @torch.no_grad()
@@ -236,7 +235,6 @@ def matvec(w: torch.Tensor, v: torch.Tensor, transposed: bool = False) -> torch.
 
 def unsupported(layers, adapter: str) -> Optional[str]:
     """What of the sharding loraforge cannot handle (None: all of it)."""
-    flat_cls = _flat_parameter_cls()
     for layer in layers:
         for name in ("lora_A", "lora_B"):
             t = tensor_of(layer, name, adapter)
@@ -245,7 +243,7 @@ def unsupported(layers, adapter: str) -> Optional[str]:
                                                   for p in t.placements):
                 return (f"{what} is a DTensor with placements {tuple(t.placements)}: loraforge supports FSDP2's row "
                         "sharding (Shard(0), with Replicate for HSDP), not tensor parallelism")
-            if isinstance(getattr(t, "_base", None), flat_cls) and t._base._params is None:
+            if isinstance(getattr(t, "_base", None), FlatParameter) and t._base._params is None:
                 return (f"{what} is a view of an FSDP1 flat parameter built with use_orig_params=False; loraforge "
                         "needs use_orig_params=True (accelerate's default: fsdp_use_orig_params: true)")
     return None
