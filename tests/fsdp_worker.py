@@ -37,13 +37,12 @@ from loraforge.core.layer import ForgeLinear  # noqa: E402
 
 GLOBAL_BATCH, MAX_STEPS, LENGTH = 8, 8, 16
 TARGETS = ["q_proj", "v_proj", "up_proj"]
-START_STEP = {"delta_in_place": 2, "delta_folded": 0}
+START_STEP = {"delta_in_place": 2, "delta_folded": 1}
 
 
 def config(case: str):
     if case == "salora":  # window inside the run: gates sample on steps 3..6, λ ascends, then the gates freeze
         return loraforge.SaLoRAConfig(r=4, target_modules=TARGETS, window_start=2, window_end=6, gate_lr=0.05)
-    # Folded with K = 0: the snapshot is read from the shards when the driver is made, before any forward.
     return loraforge.DeltaLoRAConfig(r=4, lora_alpha=8, target_modules=TARGETS, start_step=START_STEP[case],
                                      update_ratio=2.0, propagation=case.split("_", 1)[1])
 

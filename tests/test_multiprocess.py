@@ -133,7 +133,7 @@ def test_sharded_weights_train(runs):
         outcome = json.loads((runs / f"sharded.{tag}.json").read_text())
         assert set(outcome) == {"fsdp2/delta_in_place", "fsdp2/delta_in_place+driver_before_sharding",
                                 "fsdp2/delta_folded", "fsdp2/salora", "fsdp2/cora_fb", "fsdp1/delta_in_place",
-                                "fsdp1/cora_fb"}
+                                "fsdp1/cora_fb", "fsdp1/delta_k0"}
         for key, result in outcome.items():
             assert result == {"trained": True, "step": 2}, (key, result)
 
