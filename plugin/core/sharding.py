@@ -68,12 +68,19 @@ def _flat_of(t: torch.Tensor) -> Optional[tuple]:
     return entry[1](), entry[2]
 
 
+_REGISTERED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+
+
 def register(model: torch.nn.Module) -> None:
-    """Learn the FSDP1 units of `model` (the wrapped model; cheap, idempotent)."""
+    """Learn the FSDP1 units of `model` (the wrapped model; once per model object, so trainers may
+    call it every micro-batch: wrapping makes a new root object)."""
     try:
         from torch.distributed.fsdp import FullyShardedDataParallel
     except ImportError:
         return
+    if model in _REGISTERED:
+        return
+    _REGISTERED.add(model)
     for m in model.modules():
         handle = getattr(m, "_handle", None) if isinstance(m, FullyShardedDataParallel) else None
         if handle is not None and getattr(handle.flat_param, "_params", None):
