@@ -37,7 +37,7 @@ from loraforge.core.layer import ForgeLinear  # noqa: E402
 
 GLOBAL_BATCH, MAX_STEPS, LENGTH = 8, 8, 16
 TARGETS = ["q_proj", "v_proj", "up_proj"]
-START_STEP = {"delta_in_place": 2, "delta_folded": 1}
+START_STEP = {"delta_in_place": 2, "delta_folded": 2}
 
 
 def config(case: str):
