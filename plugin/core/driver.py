@@ -22,6 +22,7 @@ from typing import Optional
 
 import torch
 
+from . import sharding
 from .layer import ADAPTER_GENERATION, LIVE_LAYERS, ForgeLinear, module_order
 from .quantized import stored_shape
 
@@ -34,7 +35,7 @@ class Controller:
     #: Whether it works when FSDP / DeepSpeed ZeRO-3 keep only a shard of each weight on a rank. None:
     #: inferred: a controller with work of its own (`__init__`, `begin`, `regularization_loss`,
     #: `on_step_end`) reads whole adapter or base weights outside the model's forward, where sharded
-    #: weights are shards (see `sharded_weight`).
+    #: weights are shards; it works only with the layouts core/sharding.py reads (`unsupported`).
     supports_sharded_weights: Optional[bool] = None
 
     #: Why some of this controller's trainable parameters get no gradient in some steps (so DDP must be
@@ -64,6 +65,9 @@ class Controller:
     def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
         """Param groups with settings of their own; their params leave the trainer's default groups."""
         return []
+
+    def before_step(self) -> None:
+        """Right before an optimizer step, the gradients complete (from the optimizer hook)."""
 
     def on_step_end(self, step: int, max_steps: Optional[int]) -> None:
         """After optimizer step number `step` (1-based) has been applied."""
@@ -134,7 +138,12 @@ class Driver:
     def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
         return [g for c in self.controllers for g in c.param_groups(lr, weight_decay)]
 
+    def before_step(self) -> None:
+        for c in self.controllers:
+            c.before_step()
+
     def on_step_end(self) -> None:
+        sharding.stepped()  # what earlier forwards captured is stale now
         step = self.step + 1
         # One multi-tensor op for all the counters (one kernel on a GPU), no read back.
         torch._foreach_add_([layer.lora_forge_step[self.adapter] for layer in self.layers], 1)
@@ -159,19 +168,15 @@ class Driver:
         return out
 
     def refuse_sharded(self) -> None:
-        """Refuse, before any update, controllers that need whole weights when the weights are sharded."""
+        """Refuse, before any update, sharding that loraforge cannot read whole weights from (core/sharding.py)."""
         needing = [cls for cls in self.config.controllers() if _reads_whole_weights(cls)]
-        where = sharded_weight(self.layers, self.adapter) if needing else None
+        where = sharding.unsupported(self.layers, self.adapter) if needing else None
         if where is None:
             return
         raise RuntimeError(
-            f"{type(self.config).__name__} cannot train with sharded weights: {where}. Its "
+            f"{type(self.config).__name__} cannot train with these sharded weights: {where}. Its "
             f"{', '.join(cls.__name__ for cls in needing)} reads whole adapter or base weights outside the model's "
-            "forward (e.g. Delta-LoRA's snapshot and its update of W, SaLoRA's regulariser and λ), and FSDP "
-            "(FULL_SHARD / SHARD_GRAD_OP / HYBRID_SHARD, fully_shard) and DeepSpeed ZeRO-3 keep only a shard of each "
-            "weight on a rank there. Train with DDP (accelerate launch --multi_gpu), FSDP with "
-            "sharding_strategy=NO_SHARD, or DeepSpeed ZeRO stage 1 or 2, which keep whole weights on every rank. "
-            "No parameter has been updated."
+            "forward. No parameter has been updated."
         )
 
     def refuse_unmanaged(self) -> None:
@@ -195,7 +200,7 @@ def _adapter_parameters(layer: ForgeLinear, adapter: str) -> list[torch.nn.Param
         holder = getattr(layer, name, None)
         if holder is not None and adapter in holder:
             item = holder[adapter]
-            params.extend([item] if isinstance(item, torch.nn.Parameter) else item.parameters())
+            params.extend([item] if isinstance(item, torch.Tensor) else item.parameters())
     return params
 
 
@@ -206,30 +211,7 @@ def _reads_whole_weights(cls: type) -> bool:
     return any(getattr(cls, h) is not getattr(Controller, h) for h in hooks)
 
 
-def sharded_weight(layers: list[ForgeLinear], adapter: str) -> Optional[str]:
-    """Where a rank holds only part of an adapted layer's weight (None: every weight is whole).
-
-    FSDP2 (`fully_shard`) makes parameters DTensors; DeepSpeed ZeRO-3 marks partitioned ones with
-    `ds_id`; FSDP1 replaces them, outside its forward, by 1-D views of a flat shard, so a weight
-    whose shape is not its layer's shape is a shard."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
-        DTensor = ()
-    for layer in layers:
-        d_out, d_in, r = layer.out_features, layer.in_features, layer.r[adapter]
-        base = (d_in, d_out) if layer.fan_in_fan_out else (d_out, d_in)
-        for name, t, shape in (("base_layer.weight", layer.get_base_layer().weight, base),
-                               (f"lora_A.{adapter}.weight", layer.lora_A[adapter].weight, (r, d_in)),
-                               (f"lora_B.{adapter}.weight", layer.lora_B[adapter].weight, (d_out, r))):
-            what = f"{layer.forge_name}.{name}"
-            if isinstance(t, DTensor):
-                return f"{what} is a DTensor with placements {tuple(t.placements)} (FSDP2 / tensor parallel)"
-            if hasattr(t, "ds_id"):
-                return f"{what} is partitioned by DeepSpeed ZeRO-3"
-            if tuple(t.shape) != stored_shape(t, shape):  # a whole bnb 4-bit weight is packed into (n, 1)
-                return f"{what} has shape {tuple(t.shape)}, not {stored_shape(t, shape)} (an FSDP flat-parameter shard)"
-    return None
+sharded_weight = sharding.sharded_weight  # where a rank holds a shard (kept importable from here)
 
 
 def _driver_for(config, adapter: str, layers: list[ForgeLinear]) -> Driver:
@@ -265,6 +247,7 @@ def drivers(model: torch.nn.Module) -> list[Driver]:
     cached = _DRIVERS_CACHE.get(model)
     if cached is not None and cached[0] == key:
         return list(cached[1])
+    sharding.register(model)  # FSDP1 units, when `model` is the wrapped model
     layers = [m for m in model.modules() if isinstance(m, ForgeLinear)]
     out = []
     for config, adapter, group in _group(layers).values():
@@ -302,15 +285,31 @@ def _drivers_of_optimizer(optimizer: torch.optim.Optimizer) -> list[Driver]:
     return found
 
 
+def _state_init_step(optimizer: torch.optim.Optimizer) -> bool:
+    """torch.distributed.checkpoint creates a fresh optimizer's state by a step with lr 0 and zero
+    gradients (`_init_optim_state`; accelerate's FSDP2 optimizer loading runs it on resume). It is
+    no training step: counting it would put the adapter one step ahead of the trainer."""
+    if any(float(g.get("lr", 0.0)) != 0.0 for g in optimizer.param_groups):
+        return False
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    return all(not (t.to_local() if hasattr(t, "to_local") else t).any() for t in grads)
+
+
 def _pre_step(optimizer, args, kwargs) -> None:
+    optimizer._loraforge_skip = _state_init_step(optimizer)
+    if optimizer._loraforge_skip:
+        return
     for d in _drivers_of_optimizer(optimizer):
         if d.step == 0:  # the first update; later, `begin` (trainers, resumes) and new drivers check
             d.refuse_sharded()
         d.refuse_unmanaged()
+        d.before_step()
 
 
 @torch.no_grad()
 def _post_step(optimizer, args, kwargs) -> None:
+    if getattr(optimizer, "_loraforge_skip", False):
+        return
     for d in _drivers_of_optimizer(optimizer):
         d.on_step_end()
 

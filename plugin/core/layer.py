@@ -22,6 +22,8 @@ from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.tuners_utils import BufferDict
 from peft.utils.other import transpose
 
+from . import sharding
+
 
 def module_order(name: str) -> list:
     """Sort key that puts `layers.2` before `layers.10` (tables follow the model's depth)."""
@@ -105,6 +107,7 @@ class ForgeLinear(LoraLinear):
             self.forge_config: dict[str, Any] = {}
             self.forge_drivers: dict[str, Any] = {}  # adapter -> core.driver.Driver, shared by its layers
             self.forge_name: str = kwargs.get("target_name") or ""
+            self.forge_captured: dict = {}  # sharded engines: what this forward used (core/sharding.py)
             self.lora_forge_step = BufferDict({}, persistent=True)
             self.lora_gate_logits = torch.nn.ParameterDict({})
             self.register_load_state_dict_post_hook(lambda module, keys: module.refresh_axes())
@@ -219,9 +222,10 @@ class ForgeLinear(LoraLinear):
         return gate
 
     def factors(self, adapter: str, gate: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B·diag(g), A) of one adapter, gate folded into B (g: the eval-mode gate if not given)."""
-        b = self.lora_B[adapter].weight
-        a = self.lora_A[adapter].weight
+        """(B·diag(g), A) of one adapter, gate folded into B (g: the eval-mode gate if not given); whole
+        when the weights are sharded (a collective then, see core/sharding.py)."""
+        b = sharding.whole(self, "lora_B", adapter)
+        a = sharding.whole(self, "lora_A", adapter)
         if gate is None:
             with _eval_mode(self):
                 gate = self.gate_values(adapter)
@@ -242,6 +246,7 @@ class ForgeLinear(LoraLinear):
             if kwargs.get("adapter_names") is not None:
                 raise NotImplementedError("loraforge layers do not support mixed-adapter batches (adapter_names=...)")
             return super().forward(x, *args, **kwargs)
+        sharding.capture(self)
         result = self.base_layer(x, *args, **kwargs)
         result_dtype = result.dtype
         for adapter in self.active_adapters:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from transformers import Trainer, TrainerCallback
 
+from . import sharding
 from .config import require
 from .driver import Driver, drivers
 
@@ -90,6 +91,7 @@ class LoraForgeTrainerMixin:
         self.add_callback(_ForgeCallback(self))
 
     def forge_drivers(self) -> list[Driver]:
+        sharding.register(self.model)  # the wrapped model: FSDP1 units lie outside the unwrapped one
         return drivers(_unwrap(self.model))
 
     def create_optimizer(self, model=None):

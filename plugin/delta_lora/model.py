@@ -9,11 +9,15 @@ from __future__ import annotations
 import warnings
 from typing import Optional
 
+import torch
+
 from ..core.driver import Controller
 from .layer import DeltaPropagation
 
 
 class DeltaLoRAController(Controller):
+    supports_sharded_weights = True  # factors and W are read and written through core/sharding.py
+
     def __init__(self, driver) -> None:
         super().__init__(driver)
         self.config = driver.config
@@ -64,6 +68,7 @@ class DeltaLoRAController(Controller):
             for ax in self.axes:
                 ax.propagate()
 
+    @torch.no_grad()
     def log_values(self) -> dict[str, float]:
         """||λ·s·(B A - B_K A_K)||_F over all layers: how far the (effective) W has moved from W_0."""
         return {"delta_lora/w_shift_norm": max(0.0, sum(ax.shift_sq_norm() for ax in self.axes)) ** 0.5}

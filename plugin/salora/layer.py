@@ -31,6 +31,7 @@ from typing import Optional
 import torch
 from peft.tuners.tuners_utils import BufferDict
 
+from ..core import sharding
 from ..core.layer import Axis
 
 FROZEN_CODES = {0: None, 1: "gate", 2: "exact"}
@@ -103,6 +104,7 @@ class GateSampler:
         self.parts: Optional[tuple] = None
         self.used: set[int] = set()
         self.drawer = -1
+        self.per_layer = False
         self._stacked: Optional[tuple] = None  # (logits tensor, the parameters' versions, grad mode)
         for i, axis in enumerate(axes):
             axis.sampler, axis.slot = self, i
@@ -114,7 +116,7 @@ class GateSampler:
         the parameters keep their versions and no optimizer step came since (`forget`; fused optimizers
         update in place without bumping versions). The forward's sample and the loss's expected L0 then
         share one stack, so backward splits the logits' gradient once, not twice."""
-        params = [a.log_alpha for a in self.axes]
+        params = [a.logits() for a in self.axes]  # whole under FSDP / ZeRO-3, with their gradients
         key = (tuple(p._version for p in params), torch.is_grad_enabled())
         cached = self._stacked
         if not fresh and cached is not None and cached[1] == key and all(a is b for a, b in zip(cached[2], params)):
@@ -149,7 +151,12 @@ class GateSampler:
                 return None  # layers spread over devices: the caller samples its own gate
             shape = (len(self.sizes), self.sizes[0]) if self.same_rank else (sum(self.sizes),)
             self.noise, self.parts, self.used, self.drawer = logistic_noise(shape, logits[0].device), None, set(), i
+            # Sharded (FSDP / ZeRO-3): only the running layer's logits are whole, and only its own
+            # gradient is averaged by the engine, so each layer gates itself from its row of the noise.
+            self.per_layer = any(sharding.engine(t) is not None for t in logits)
         self.used.add(i)
+        if self.per_layer:
+            return gate_from_noise(self._noise_of(i), self.axes[i].log_alpha, *args)
         if self.parts is None or (torch.is_grad_enabled() and self.parts[i].grad_fn is None
                                   and self.axes[i].log_alpha.requires_grad):
             with torch.autograd.graph.saved_tensors_hooks(_same, _same):
@@ -193,6 +200,10 @@ class HardConcreteGate(Axis):
     def log_alpha(self) -> torch.nn.Parameter:
         return self.layer.lora_gate_logits[self.adapter]
 
+    def logits(self) -> torch.Tensor:
+        """log_alpha whole (under FSDP / ZeRO-3 outside the forward `log_alpha` is this rank's shard)."""
+        return sharding.whole(self.layer, "lora_gate_logits", self.adapter)
+
     @property
     def frozen_gate(self) -> torch.Tensor:
         return self.layer.lora_gate_frozen[self.adapter]
@@ -224,7 +235,7 @@ class HardConcreteGate(Axis):
 
     # the gate --------------------------------------------------------------------------------
     def deterministic(self) -> torch.Tensor:
-        return deterministic_gate(self.log_alpha, self.config.gamma, self.config.zeta)
+        return deterministic_gate(self.logits(), self.config.gamma, self.config.zeta)
 
     def eval_gate(self) -> torch.Tensor:
         """The gate of eval mode, merge and export."""

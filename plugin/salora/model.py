@@ -32,6 +32,7 @@ from typing import Optional
 
 import torch
 
+from ..core import sharding
 from ..core.driver import Controller
 from ..core.layer import ForgeLinear
 from .layer import BUDGET_CODES, GateSampler, HardConcreteGate, expected_gate, phase_at, prob_nonzero
@@ -49,7 +50,7 @@ def gate_axes(layers: list[ForgeLinear], adapter: str) -> list[HardConcreteGate]
 
 
 def module_gates(axes: list[HardConcreteGate]) -> list[ModuleGates]:
-    return [ModuleGates(a.layer.forge_name, a.log_alpha.detach(), a.eval_gate().detach(),
+    return [ModuleGates(a.layer.forge_name, a.logits().detach(), a.eval_gate().detach(),
                         a.layer.in_features, a.layer.out_features) for a in axes]
 
 
@@ -62,7 +63,7 @@ def select_gates(axes: list[HardConcreteGate], budget: str) -> list[torch.Tensor
         return det
     if budget != "exact":
         raise ValueError(f"budget: must be 'gate' or 'exact', got {budget!r}")
-    prob = torch.cat([prob_nonzero(a.log_alpha.detach().float(), cfg.temperature, cfg.gamma, cfg.zeta) for a in axes]).cpu()
+    prob = torch.cat([prob_nonzero(a.logits().detach().float(), cfg.temperature, cfg.gamma, cfg.zeta) for a in axes]).cpu()
     gate = torch.cat(det).cpu()
     weight = torch.cat([torch.full((a.layer.r[a.adapter],), float(a.layer.in_features + a.layer.out_features),
                                    dtype=torch.float64) for a in axes])
@@ -76,7 +77,7 @@ def select_gates(axes: list[HardConcreteGate], budget: str) -> list[torch.Tensor
     for a, g in zip(axes, det):
         n = g.numel()
         k = keep[offset:offset + n].to(g.device)
-        mean = expected_gate(a.log_alpha.float(), cfg.temperature, cfg.gamma, cfg.zeta).clamp_min(torch.finfo(torch.float32).tiny)
+        mean = expected_gate(a.logits().float(), cfg.temperature, cfg.gamma, cfg.zeta).clamp_min(torch.finfo(torch.float32).tiny)
         out.append(torch.where(k, torch.where(g > 0, g, mean), torch.zeros_like(g)))
         offset += n
     return out
@@ -132,6 +133,7 @@ def gate_summary(model: torch.nn.Module, adapter: str = "default") -> dict:
 
 
 class SaLoRAController(Controller):
+    supports_sharded_weights = True  # it reads A, B and the logits through core/sharding.py
     salora = True  # marks the controller the gate axes re-sync after a load
     needs_trainer = (
         "SaLoRA adds its orthogonal regulariser and budget term λ·(C - b)² to the loss and trains its gates "
@@ -192,9 +194,10 @@ class SaLoRAController(Controller):
         return (prob_nonzero(logits.float(), cfg.temperature, cfg.gamma, cfg.zeta) * weight).sum() / self.total_weight
 
     def factors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """(A_i for every layer, B_i for every layer): the one place the regulariser reads the factors."""
-        return ([a.layer.lora_A[self.adapter].weight for a in self.axes],
-                [a.layer.lora_B[self.adapter].weight for a in self.axes])
+        """(A_i for every layer, B_i for every layer): the one place the regulariser reads the factors;
+        whole, with their gradients, under FSDP / ZeRO-3 (core/sharding.py)."""
+        return ([sharding.whole(a.layer, "lora_A", self.adapter) for a in self.axes],
+                [sharding.whole(a.layer, "lora_B", self.adapter) for a in self.axes])
 
     def orth_loss(self) -> torch.Tensor:
         """Σ_i ||B_iᵀB_i - I||_F² + ||A_iA_iᵀ - I||_F² (summed, float32), batched over same-shape factors."""
@@ -236,6 +239,13 @@ class SaLoRAController(Controller):
     def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
         return [{"params": [a.log_alpha for a in self.axes], "lr": self.config.gate_lr, "weight_decay": 0.0,
                  "loraforge_constant_lr": True, "name": "salora_gates"}]
+
+    def before_step(self) -> None:
+        # Outside the window the logits must take no step: FSDP1 hands every parameter a gradient
+        # (zeros where none flowed), which AdamW would turn into momentum and a step count.
+        if not self.in_window():
+            for axis in self.axes:
+                axis.log_alpha.grad = None
 
     @torch.no_grad()
     def on_step_end(self, step: int, max_steps: Optional[int]) -> None:
