@@ -126,8 +126,16 @@ class GateSampler:
         return logits
 
     def forget(self) -> None:
-        """The parameters may have changed (an optimizer step, a load): the next use restacks them."""
-        self._stacked = None
+        """The parameters changed (an optimizer step, a load): the next forward draws afresh and the next
+        use restacks them. Also drops the autograd graph the last sample holds."""
+        self.noise, self.parts, self.used, self.drawer, self._stacked = None, None, set(), -1, None
+
+    def __getstate__(self) -> dict:
+        # A copied or pickled model starts without the in-flight sample (its tensors carry a graph,
+        # which deepcopy refuses).
+        state = dict(self.__dict__)
+        state.update(noise=None, parts=None, used=set(), drawer=-1, _stacked=None)
+        return state
 
     def __getstate__(self) -> dict:
         # deepcopy / pickle of a model: the latest draw holds non-leaf tensors of a finished graph, which
