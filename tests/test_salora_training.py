@@ -114,6 +114,38 @@ def test_gate_learning_rate_is_constant_while_the_schedule_moves_the_rest(run):
     assert group["weight_decay"] == 0.0
 
 
+@pytest.mark.parametrize("schedule", [
+    # One max_lr written into every group, as Axolotl's `one_cycle` builds it.
+    lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=6, cycle_momentum=False),
+    # Chained: each step scales the group's current lr.
+    lambda opt: torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.5),
+], ids=["one_cycle", "exponential"])
+def test_gates_step_at_gate_lr_under_schedulers_that_are_not_lambda_lr(lm_dataset, schedule):
+    """Plain SGD: a gate logit must move by exactly -gate_lr·grad each step, whatever the scheduler wrote."""
+    model = get_peft_model(testing.tiny_llama(0), loraforge.SaLoRAConfig(
+        target_modules=["q_proj", "v_proj"], window_start=0, window_end=6, gate_lr=0.1))
+    d = loraforge.driver(model).begin(max_steps=6)
+    gates = d.param_groups(1e-3, 0.0)
+    taken = {id(p) for g in gates for p in g["params"]}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in taken]
+    opt = torch.optim.SGD([{"params": rest}, *gates], lr=1e-3)
+    scheduler = schedule(opt)
+    batch = {k: torch.tensor(lm_dataset[:4][k]) for k in ("input_ids", "attention_mask", "labels")}
+    lrs, moved = [], 0.0
+    for _ in range(6):
+        (model(**batch).loss + d.regularization_loss()).backward()
+        before = [(p.detach().clone(), p.grad.clone()) for p in gates[0]["params"]]
+        opt.step()
+        for (p0, grad), p in zip(before, gates[0]["params"]):
+            torch.testing.assert_close(p.detach(), p0 - 0.1 * grad, rtol=0, atol=1e-7)
+        moved = max(moved, max(float(grad.abs().max()) for _, grad in before))
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.zero_grad()
+        scheduler.step()
+    assert moved > 0  # gates got gradients (from step 2 on: B and λ start at 0)
+    assert len({round(lr, 10) for lr in lrs}) >= 5  # the rest did follow the schedule
+
+
 def test_every_logging_step_reports_the_budget(run):
     logged = [h for h in run["trainer"].state.log_history if "loss" in h]
     assert len(logged) == 24
