@@ -146,6 +146,24 @@ def test_gates_step_at_gate_lr_under_schedulers_that_are_not_lambda_lr(lm_datase
     assert len({round(lr, 10) for lr in lrs}) >= 5  # the rest did follow the schedule
 
 
+def test_a_given_optimizer_class_gets_the_gate_group_and_a_self_grouping_one_is_refused(tmp_path, lm_dataset):
+    """`optimizer_cls_and_kwargs` (how Axolotl passes its own optimizers) is used, not replaced by `optim`."""
+    def trainer(cls_and_kwargs):
+        model = get_peft_model(testing.tiny_llama(0), loraforge.SaLoRAConfig(target_modules=["q_proj"], gate_lr=0.1))
+        return loraforge.LoraForgeTrainer(model=model, train_dataset=lm_dataset, args=args(tmp_path),
+                                          optimizer_cls_and_kwargs=cls_and_kwargs)
+
+    opt = trainer((torch.optim.SGD, {"lr": 1e-3, "momentum": 0.5})).create_optimizer()
+    assert type(opt) is torch.optim.SGD and opt.defaults["momentum"] == 0.5
+    assert [g["lr"] for g in opt.param_groups if g.get("name") == "salora_gates"] == [0.1]
+
+    def factory():  # the shape of Axolotl's Muon / Dion factories: called with the whole model
+        return lambda model, **kw: torch.optim.SGD(model.parameters(), **kw)
+
+    with pytest.raises(ValueError, match=r"optim: factory builds its own parameter groups .*\(salora_gates\)"):
+        trainer((factory, {"lr": 1e-3})).create_optimizer()
+
+
 def test_every_logging_step_reports_the_budget(run):
     logged = [h for h in run["trainer"].state.log_history if "loss" in h]
     assert len(logged) == 24

@@ -80,7 +80,9 @@ class LoraForgeTrainerMixin:
             {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
             *special,
         ]
-        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        given = getattr(self, "optimizer_cls_and_kwargs", None)  # Trainer(optimizer_cls_and_kwargs=...), Axolotl's custom optimizers
+        optimizer_cls, optimizer_kwargs = given if given is not None else self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        _refuse_own_grouping(optimizer_cls, optimizer_kwargs, special)
         self.optimizer = optimizer_cls([g for g in groups if g["params"]], **optimizer_kwargs)
         return self.optimizer
 
@@ -114,6 +116,21 @@ class LoraForgeTrainerMixin:
             for d in self.forge_drivers():
                 logs.update({k: round(v, 6) for k, v in d.log_values().items()})
         super().log(logs, *args, **kwargs)
+
+
+def _refuse_own_grouping(optimizer_cls, optimizer_kwargs: dict, special: list[dict]) -> None:
+    """Factories (Muon, Dion, ...) and GaLore / LOMO / layer-wise optimizers group the parameters
+    themselves and would leave the methods' groups (SaLoRA's gate lr) out: refuse, not drop them."""
+    factory = not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.Optimizer))
+    own = [k for k in ("params", "model", "optimizer_dict") if k in optimizer_kwargs]
+    if factory or own:
+        from .config import ForgeConfigError
+
+        names = ", ".join(g.get("name", "?") for g in special)
+        raise ForgeConfigError(
+            f"optim: {getattr(optimizer_cls, '__name__', optimizer_cls)} builds its own parameter groups "
+            f"({'an optimizer factory' if factory else 'from ' + own[0]}) and would leave out the adapter's "
+            f"param groups ({names}); use a torch optimizer class such as adamw_torch")
 
 
 class LoraForgeTrainer(LoraForgeTrainerMixin, Trainer):
