@@ -14,8 +14,9 @@ VENV=.venv-axolotl
 PY="$VENV/bin/python"
 
 python312() {
-    # python3.12 on PATH, else the newest 3.12 that pyenv has (these machines: pyenv 3.12.1).
-    if command -v python3.12 >/dev/null 2>&1; then
+    # python3.12 on PATH (one that runs: a pyenv shim of a version not selected does not), else the
+    # newest 3.12 that pyenv has (these machines: pyenv 3.12.1).
+    if python3.12 -c "" >/dev/null 2>&1; then
         command -v python3.12
     elif command -v pyenv >/dev/null 2>&1 && version=$(pyenv versions --bare | grep -E '^3\.12(\.[0-9]+)?$' | sort -V | tail -1) \
             && [ -n "$version" ]; then
