@@ -1,8 +1,11 @@
-"""What `import loraforge` registers with its hosts: config types with PEFT, the optimizer hooks."""
+"""What `import loraforge` registers with its hosts: config types with PEFT, the optimizer hooks, PEFT's
+`add_weighted_adapter` for loraforge sources, a default callback of every transformers Trainer."""
 from __future__ import annotations
 
 from .core.config import install_target_error_naming, register_config
 from .core.driver import install_optimizer_hooks
+from .core.trainer import install_default_callback
+from .core.weighted import install_weighted_adapters
 from .cora.config import CoRAConfig
 from .delta_lora.config import DeltaLoRAConfig
 from .salora.config import SaLoRAConfig
@@ -10,3 +13,5 @@ from .salora.config import SaLoRAConfig
 CONFIGS = {cls.method: register_config(cls) for cls in (SaLoRAConfig, DeltaLoRAConfig, CoRAConfig)}
 install_optimizer_hooks()
 install_target_error_naming()
+install_weighted_adapters()
+install_default_callback()

@@ -51,6 +51,10 @@ class ForgeConfig(LoraConfig):
         """Refuse unusable values; subclasses extend it."""
         require(isinstance(self.r, int) and self.r >= 1, "r", f"must be an integer >= 1, got {self.r!r}")
         require(not self.use_dora, "use_dora", "DoRA is not composed with loraforge's layers; set use_dora=False")
+        require(not getattr(self, "target_parameters", None), "target_parameters",
+                f"{type(self).__name__} adapts nn.Linear modules only; PEFT's target_parameters wraps bare parameters "
+                "(e.g. MoE experts) in its plain LoRA ParamWrapper, which has no gate, propagation or basis: remove "
+                "target_parameters and list the Linear modules to adapt in target_modules")
 
     def axes(self) -> list[type]:
         """The per-layer pieces (classes from each method's `layer.py`) this config composes."""

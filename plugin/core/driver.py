@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from .layer import LIVE_LAYERS, ForgeLinear, module_order
+from .layer import ADAPTER_GENERATION, LIVE_LAYERS, ForgeLinear, module_order
 
 
 class Controller:
@@ -35,6 +35,10 @@ class Controller:
     #: `on_step_end`) reads whole adapter or base weights outside the model's forward, where sharded
     #: weights are shards (see `sharded_weight`).
     supports_sharded_weights: Optional[bool] = None
+
+    #: Why some of this controller's trainable parameters get no gradient in some steps (so DDP must be
+    #: told to look for unused parameters), or None.
+    leaves_parameters_unused: Optional[str] = None
 
     def __init__(self, driver: "Driver") -> None:
         self.driver = driver
@@ -49,6 +53,9 @@ class Controller:
 
     def begin(self, max_steps: Optional[int]) -> None:
         """Training starts (or resumes at `driver.step`) with `max_steps` optimizer steps in all."""
+
+    def plan(self, max_steps: Optional[int]) -> None:
+        """A run of `max_steps` optimizer steps starts, under any trainer (plain ones too): warn about it."""
 
     def regularization_loss(self) -> Optional[torch.Tensor]:
         return None
@@ -80,13 +87,22 @@ class Driver:
         self.layers = sorted(layers, key=lambda layer: module_order(layer.forge_name))
         self.max_steps: Optional[int] = None
         self.managed = False  # a trainer (or the user) called `begin`
+        # The step counters live in every layer's `lora_forge_step` (saved with the adapter); reading one
+        # is a device sync, so the count is mirrored here and re-read only after a load (`forget_step`).
+        self._step: Optional[int] = None
         self.refuse_sharded()  # before the controllers: some read weights when they are created
         self.controllers = [cls(self) for cls in config.controllers()]
 
     # state -----------------------------------------------------------------------------------
     @property
     def step(self) -> int:
-        return self.layers[0].step_count(self.adapter) if self.layers else 0
+        if self._step is None:
+            self._step = self.layers[0].step_count(self.adapter) if self.layers else 0
+        return self._step
+
+    def forget_step(self) -> None:
+        """The persisted counters may have changed (a load): read them again at the next `step`."""
+        self._step = None
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for layer in self.layers for p in _adapter_parameters(layer, self.adapter)]
@@ -96,9 +112,19 @@ class Driver:
         self.refuse_sharded()  # the model may have been sharded since the driver was made
         self.max_steps = max_steps
         self.managed = True
+        self.plan(max_steps)
         for c in self.controllers:
             c.begin(max_steps)
         return self
+
+    def plan(self, max_steps: Optional[int]) -> None:
+        """The controllers' warnings about a run of `max_steps`, once per run length (a loraforge trainer
+        reaches it twice: from the callback every Trainer gets and from `begin`)."""
+        if getattr(self, "_planned", None) == max_steps:
+            return
+        self._planned = max_steps
+        for c in self.controllers:
+            c.plan(max_steps)
 
     def regularization_loss(self) -> Optional[torch.Tensor]:
         terms = [t for t in (c.regularization_loss() for c in self.controllers) if t is not None]
@@ -108,9 +134,10 @@ class Driver:
         return [g for c in self.controllers for g in c.param_groups(lr, weight_decay)]
 
     def on_step_end(self) -> None:
-        for layer in self.layers:
-            layer.lora_forge_step[self.adapter].add_(1)
-        step = self.step
+        step = self.step + 1
+        # One multi-tensor op for all the counters (one kernel on a GPU), no read back.
+        torch._foreach_add_([layer.lora_forge_step[self.adapter] for layer in self.layers], 1)
+        self._step = step
         for c in self.controllers:
             c.on_step_end(step, self.max_steps)
 
@@ -224,14 +251,26 @@ def _group(layers) -> dict[tuple[int, str], tuple]:
     return groups
 
 
+_DRIVERS_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
 def drivers(model: torch.nn.Module) -> list[Driver]:
-    """The drivers of the trainable (active) loraforge adapters in `model`."""
+    """The drivers of the trainable (active) loraforge adapters in `model`.
+
+    Trainers ask on every micro-batch; the walk over `model.modules()` is cached until an adapter is
+    added, deleted, activated or unloaded anywhere (`core.layer.adapters_changed`) or a loraforge layer
+    is created or collected."""
+    key = (ADAPTER_GENERATION[0], len(LIVE_LAYERS))
+    cached = _DRIVERS_CACHE.get(model)
+    if cached is not None and cached[0] == key:
+        return list(cached[1])
     layers = [m for m in model.modules() if isinstance(m, ForgeLinear)]
     out = []
     for config, adapter, group in _group(layers).values():
         if adapter in group[0].active_adapters:
             out.append(_driver_for(config, adapter, group))
-    return out
+    _DRIVERS_CACHE[model] = (key, out)
+    return list(out)
 
 
 def driver(model: torch.nn.Module) -> Driver:
@@ -251,15 +290,16 @@ _OPT_CACHE: "weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple]" = weakref.
 def _drivers_of_optimizer(optimizer: torch.optim.Optimizer) -> list[Driver]:
     n_params = sum(len(g["params"]) for g in optimizer.param_groups)
     cached = _OPT_CACHE.get(optimizer)
-    if cached is not None and cached[0] == n_params and cached[1] == len(LIVE_LAYERS):
-        return cached[2]
+    key = (n_params, len(LIVE_LAYERS), ADAPTER_GENERATION[0])
+    if cached is not None and cached[0] == key:
+        return cached[1]
     ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
     found = []
     for config, adapter, group in _group(list(LIVE_LAYERS)).values():
         # Drivers only for adapters this optimizer trains: any other live model is none of its business.
         if any(id(p) in ids for layer in group for p in _adapter_parameters(layer, adapter)):
             found.append(_driver_for(config, adapter, group))
-    _OPT_CACHE[optimizer] = (n_params, len(LIVE_LAYERS), found)
+    _OPT_CACHE[optimizer] = (key, found)
     return found
 
 

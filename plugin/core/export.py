@@ -36,6 +36,9 @@ def export_lora(model, out_dir: str, adapter: str = "default", dtype: torch.dtyp
     layers = [m for m in model.modules() if isinstance(m, ForgeLinear) and adapter in m.lora_A]
     if not layers:
         raise ValueError(f"no loraforge layer holds adapter {adapter!r}: nothing to export")
+    if adapter not in layers[0].forge_config:
+        raise ValueError(f"adapter {adapter!r} is a plain PEFT LoRA adapter (e.g. made by add_weighted_adapter): save it with "
+                         f"model.save_pretrained(dir, selected_adapters=[{adapter!r}]), which stock PEFT loads")
     config = layers[0].forge_config[adapter]
     if config.lora_bias:
         raise ValueError("lora_bias=True adapters cannot be exported as stock LoRA by loraforge yet")

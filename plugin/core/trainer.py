@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from transformers import Trainer, TrainerCallback
 
+from .config import ForgeConfigError, require
 from .driver import Driver, drivers, pin_constant_lr
 
 
@@ -29,6 +30,7 @@ class _ForgeCallback(TrainerCallback):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        refuse_ddp_without_unused_parameters(self.trainer.model_wrapped, self.trainer.forge_drivers())
         if optimizer is not None:  # the scheduler's first value (0 in a warmup) must not reach the gates
             pin_constant_lr(optimizer)
         for d in self.trainer.forge_drivers():
@@ -53,6 +55,38 @@ class _ForgeCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         for d in self.trainer.forge_drivers():
             d.on_train_end(args.output_dir)
+
+
+def refuse_ddp_without_unused_parameters(wrapped: torch.nn.Module, forge_drivers: list[Driver]) -> None:
+    """DDP with find_unused_parameters=False fails on the second step when a trainable parameter got no
+    gradient (DDP's own error, after one update); refuse before the first one instead."""
+    if not isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) or wrapped.find_unused_parameters:
+        return
+    for d in forge_drivers:
+        reasons = [c.leaves_parameters_unused for c in d.controllers if c.leaves_parameters_unused]
+        require(not reasons, "ddp_find_unused_parameters",
+                f"{type(d.config).__name__} under DDP needs find_unused_parameters=True ({'; '.join(reasons)}), but "
+                "the model was wrapped with False (transformers' default when gradient checkpointing is on): set "
+                "TrainingArguments(ddp_find_unused_parameters=True) (Axolotl: ddp_find_unused_parameters: true). "
+                "No parameter has been updated.")
+
+
+class _PlanCallback(TrainerCallback):
+    """In every Trainer's default callbacks (a plain `Trainer` or `SFTTrainer` too): tells the
+    adapters' controllers the run length, so that their warnings (e.g. Delta-LoRA's start_step past
+    the last step) reach users of any trainer. It never takes charge of training (see `Driver.plan`)."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            for d in drivers(_unwrap(model)):
+                d.plan(state.max_steps)
+
+
+def install_default_callback() -> None:
+    import transformers.trainer
+
+    if _PlanCallback not in transformers.trainer.DEFAULT_CALLBACKS:
+        transformers.trainer.DEFAULT_CALLBACKS.append(_PlanCallback)
 
 
 class LoraForgeTrainerMixin:
@@ -124,7 +158,6 @@ def _refuse_own_grouping(optimizer_cls, optimizer_kwargs: dict, special: list[di
     factory = not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.Optimizer))
     own = [k for k in ("params", "model", "optimizer_dict") if k in optimizer_kwargs]
     if factory or own:
-        from .config import ForgeConfigError
 
         names = ", ".join(g.get("name", "?") for g in special)
         raise ForgeConfigError(

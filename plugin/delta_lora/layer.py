@@ -230,6 +230,20 @@ class DeltaPropagation(Axis):
         bs, as_ = torch.cat([b, -bk], 1), torch.cat([a, ak], 0)
         return float(((bs.T @ bs) * (as_ @ as_.T)).sum()) * self.coef ** 2
 
+    @torch.no_grad()
+    def remove(self) -> None:
+        """delete_adapter: in place, take `D` back out of `W` (the base is W_0 again, as for any deleted adapter)."""
+        if self.in_place and self.applied is not None:
+            self._write_difference(None)
+        self.residual = None
+
+    def weighting_refusal(self) -> Optional[str]:
+        if self.in_place and self.taken:
+            return ("propagation: an in_place Delta-LoRA adapter has written λ·s·(B A - B_K A_K) into the base weights, "
+                    "which every adapter shares, so add_weighted_adapter cannot weight it; combine adapters trained with "
+                    "propagation='folded', or merge_and_unload() this one first")
+        return None
+
     # load -----------------------------------------------------------------------------------
     def _before_load(self, *args, **kwargs) -> None:
         if self.applied is not None and self.applied_snapshot is None:

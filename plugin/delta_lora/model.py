@@ -24,8 +24,12 @@ class DeltaLoRAController(Controller):
 
     @property
     def axes(self) -> list[DeltaPropagation]:
-        return [ax for layer in self.layers for ax in layer.forge_axes.get(self.adapter, [])
-                if isinstance(ax, DeltaPropagation)]
+        # The driver's layers and their axes are fixed for its lifetime (a new adapter makes a new
+        # driver), so the per-step work does not rebuild this list.
+        if getattr(self, "_axes", None) is None:
+            self._axes = [ax for layer in self.layers for ax in layer.forge_axes.get(self.adapter, [])
+                          if isinstance(ax, DeltaPropagation)]
+        return self._axes
 
     def _catch_up(self, step: int) -> None:
         missing = [ax for ax in self.axes if not ax.taken]
@@ -40,6 +44,8 @@ class DeltaLoRAController(Controller):
 
     def begin(self, max_steps: Optional[int]) -> None:
         self._catch_up(self.driver.step)
+
+    def plan(self, max_steps: Optional[int]) -> None:
         if max_steps is not None and max_steps <= self.start_step:
             warnings.warn(
                 f"Delta-LoRA: start_step={self.start_step} >= max_steps={max_steps}, so W will never move and this "

@@ -11,8 +11,10 @@ import json
 import os
 from types import SimpleNamespace
 
+import torch
+
 from ..core.layer import module_order
-from .layer import FROZEN_CODES, deterministic_gate
+from .layer import FROZEN_CODES, deterministic_gate, phase_at
 from .report import ModuleGates, format_table, summarize, write_summary
 
 PREFIX = "base_model.model."
@@ -54,7 +56,10 @@ def adapter_summary(path: str) -> dict:
             continue
         start, end, code = (int(v) for v in t["lora_salora_window"].tolist())
         frozen = FROZEN_CODES[code]
-        eval_gate = t["lora_gate_frozen"] if frozen else deterministic_gate(t["lora_gate_logits"].float(), cfg.gamma, cfg.zeta)
+        step = int(t["lora_forge_step"]) if "lora_forge_step" in t else 0
+        phase = phase_at(step, start, end, frozen)  # the layer's eval gate: 1 before the window
+        eval_gate = (t["lora_gate_frozen"] if frozen else torch.ones_like(t["lora_gate_logits"].float()) if phase == "ones"
+                     else deterministic_gate(t["lora_gate_logits"].float(), cfg.gamma, cfg.zeta))
         gates.append(ModuleGates(name, t["lora_gate_logits"], eval_gate, t["lora_A.weight"].shape[1], t["lora_B.weight"].shape[0]))
         if state is None:
             lam = t["lora_salora_lambda"].tolist()

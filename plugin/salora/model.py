@@ -35,7 +35,8 @@ import torch
 
 from ..core.driver import CONSTANT_LR, Controller
 from ..core.layer import ForgeLinear
-from .layer import BUDGET_CODES, HardConcreteGate, expected_gate, phase_at, prob_nonzero
+from .layer import BUDGET_CODES, GateSampler, HardConcreteGate, expected_gate, phase_at, prob_nonzero
+from .orth import orth_penalty
 from .report import ModuleGates, format_table, summarize, write_summary
 
 logger = logging.getLogger("loraforge.salora")
@@ -137,6 +138,7 @@ class SaLoRAController(Controller):
         "SaLoRA adds its orthogonal regulariser and budget term λ·(C - b)² to the loss and trains its gates "
         "with their own learning rate gate_lr, which a plain trainer does not do"
     )
+    leaves_parameters_unused = "its gate logits get no gradient outside the gate window"
 
     def __init__(self, driver) -> None:
         super().__init__(driver)
@@ -146,6 +148,8 @@ class SaLoRAController(Controller):
             torch.full((a.layer.r[self.adapter],), float(a.layer.in_features + a.layer.out_features)) for a in self.axes
         ])
         self.total_weight = float(self.rank_weight.sum())
+        self._weights: dict = {}  # rank_weight shaped like `sampler.logits()`, per device
+        self.sampler = GateSampler(self.axes)  # all layers' gates in one draw per forward
         self._last_density: Optional[torch.Tensor] = None
         self.sync()
 
@@ -156,6 +160,7 @@ class SaLoRAController(Controller):
         self.start, self.end, self.frozen = axis.window_state()
         self.lam, self.lam_linear = (float(v) for v in axis.layer.lora_salora_lambda[self.adapter].tolist())
         self.step = self.driver.step
+        self.sampler.forget()
         self._set_phases()
 
     def _set_phases(self) -> None:
@@ -179,22 +184,22 @@ class SaLoRAController(Controller):
 
     # quantities ------------------------------------------------------------------------------
     def expected_density(self) -> torch.Tensor:
+        """C = Σ_i P(g_i > 0)·(d_in + d_out) / Σ_i (d_in + d_out) over all ranks: one op chain."""
         cfg = self.config
-        logits = torch.cat([a.log_alpha for a in self.axes])
-        weight = self.rank_weight.to(logits.device)
+        logits = self.sampler.logits(fresh=False)
+        weight = self._weights.get(logits.device)
+        if weight is None:
+            weight = self._weights[logits.device] = self.rank_weight.to(logits.device).view(logits.shape)
         return (prob_nonzero(logits.float(), cfg.temperature, cfg.gamma, cfg.zeta) * weight).sum() / self.total_weight
 
-    def orth_losses(self) -> list[torch.Tensor]:
-        """||BᵀB - I||_F² + ||AAᵀ - I||_F² per layer, in float32 whatever the autocast."""
-        out = []
-        for a in self.axes:
-            b = a.layer.lora_B[self.adapter].weight
-            w = a.layer.lora_A[self.adapter].weight
-            with torch.autocast(device_type=b.device.type, enabled=False):
-                b, w = b.float(), w.float()
-                eye = torch.eye(b.shape[1], device=b.device)
-                out.append((b.T @ b - eye).pow(2).sum() + (w @ w.T - eye).pow(2).sum())
-        return out
+    def factors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(A_i for every layer, B_i for every layer): the one place the regulariser reads the factors."""
+        return ([a.layer.lora_A[self.adapter].weight for a in self.axes],
+                [a.layer.lora_B[self.adapter].weight for a in self.axes])
+
+    def orth_loss(self) -> torch.Tensor:
+        """Σ_i ||B_iᵀB_i - I||_F² + ||A_iA_iᵀ - I||_F² (summed, float32), batched over same-shape factors."""
+        return orth_penalty(*self.factors())
 
     # protocol --------------------------------------------------------------------------------
     def begin(self, max_steps: Optional[int]) -> None:
@@ -215,7 +220,7 @@ class SaLoRAController(Controller):
         cfg = self.config
         loss = None
         if cfg.orth_reg_weight:
-            orth = sum(self.orth_losses())
+            orth = self.orth_loss()
             if cfg.orth_reg_reduction == "mean":
                 orth = orth / len(self.axes)
             loss = cfg.orth_reg_weight * orth
@@ -237,6 +242,7 @@ class SaLoRAController(Controller):
     def on_step_end(self, step: int, max_steps: Optional[int]) -> None:
         was_inside = self.in_window()  # the step just taken (number `step`) ran inside the window
         self.step = step
+        self.sampler.forget()  # the logits moved (in place; a fused optimizer does not bump their versions)
         if was_inside:
             density = self._last_density if self._last_density is not None else self.expected_density()
             gap = float(density) - self.config.target_density
@@ -266,7 +272,7 @@ class SaLoRAController(Controller):
             "salora/realized_density": s["realized_density"],
             "salora/export_density": s["export_density"],
             "salora/lambda": self.lam,
-            "salora/orth_loss": float(sum(self.orth_losses())) / len(self.axes),
+            "salora/orth_loss": float(self.orth_loss()) / len(self.axes),
             "salora/live_ranks": float(s["live_ranks"]),
         }
         if self.config.lagrangian == "linear_quadratic":
