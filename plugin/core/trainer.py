@@ -158,7 +158,6 @@ def _refuse_own_grouping(optimizer_cls, optimizer_kwargs: dict, special: list[di
     factory = not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.Optimizer))
     own = [k for k in ("params", "model", "optimizer_dict") if k in optimizer_kwargs]
     if factory or own:
-
         names = ", ".join(g.get("name", "?") for g in special)
         raise ForgeConfigError(
             f"optim: {getattr(optimizer_cls, '__name__', optimizer_cls)} builds its own parameter groups "
