@@ -2,7 +2,9 @@
 # CI, Axolotl part: build the Axolotl venv (.venv-axolotl: Python 3.12, axolotl 0.21.0 with its own
 # torch / transformers / trl / peft pins) and run every tests/test_axolotl*.py file in it.
 # Axolotl 0.21 needs Python >= 3.12; pip takes torch 2.14.1 from PyPI (a CUDA build: it runs on the
-# CPU), ~7.6 GB in all. Measured times are in the README (section Axolotl) and the CI notes.
+# CPU), ~7.6 GB in all: 3.5 min on a quiet machine, 17 min on a busy 2-core one (empty pip cache).
+# The Axolotl tests took ~3 min before the packing / scheduler / validation tests were added (a few
+# more minutes of CPU); the whole job is not yet timed end to end on the CI machine.
 # A venv that already has axolotl 0.21.0 is reused (rm -rf .venv-axolotl to rebuild it).
 # Only 0.21 is tested: 0.19 (Python 3.11) would add a second ~7 GB venv and ~10 min.
 set -euo pipefail
