@@ -26,8 +26,10 @@ Decisions:
 - Axolotl's default `merge_method: memory_efficient` merges from the adapter file with stock LoRA
   arithmetic; with a loraforge adapter the plugin makes `legacy` the default (PEFT's
   `merge_and_unload`, through loraforge's layers) and refuses an explicit `memory_efficient`.
-- LoRA+ / embedding learning rates are refused for methods with param groups of their own
-  (SaLoRA's gates): loraforge's trainer builds that optimizer and would silently drop them.
+- LoRA+ / embedding learning rates / `lr_groups` are refused for methods with param groups of their
+  own (SaLoRA's gates): loraforge's trainer builds that optimizer and would silently drop them. It
+  does use the optimizer class Axolotl picks (`optimizer_cls_and_kwargs`: optimi, CAME, ADOPT, ...)
+  and refuses, when the trainer builds it, one that groups the parameters itself (Muon, Dion, GaLore).
 - With `lora_model_dir` the saved adapter's config governs (as Axolotl does for LoRA patterns);
   the block's keys are still checked, its values are not used.
 """
@@ -233,8 +235,8 @@ def _check_optimizer(cfg, config) -> None:
 
     if not any(c.param_groups is not Controller.param_groups for c in config.controllers()):
         return
-    for key in ("loraplus_lr_ratio", "embedding_lr", "embedding_lr_scale"):
+    for key in ("loraplus_lr_ratio", "embedding_lr", "embedding_lr_scale", "lr_groups"):
         if cfg.get(key) is not None:
             raise ValueError(f"{key}: {type(config).__name__} builds the optimizer's param groups itself "
-                             "(its own group for the gates), which do not include Axolotl's LoRA+ / embedding "
-                             "learning-rate groups; remove it")
+                             "(its own group for the gates), which do not include Axolotl's LoRA+ / embedding / "
+                             "lr_groups learning-rate groups; remove it")

@@ -1,15 +1,21 @@
 """`LoraForgePlugin`: Axolotl trains `adapter: salora | delta_lora | cora`.
 
-Hooks used (Axolotl >= 0.19; the same names and signatures in 0.21):
+Hooks used (checked against Axolotl 0.21.0's `integrations/base.py`, `loaders/`, `core/builders/`;
+tests/test_axolotl_integration.py compares the signatures with the installed BasePlugin):
 - `get_input_args` / `get_adapter_capabilities`: the YAML keys (args.py) and the adapter names;
 - `load_adapter`: builds the method's config from the YAML and wraps the model with PEFT (or
-  restores a saved adapter from `lora_model_dir`);
+  restores a saved adapter from `lora_model_dir`). Not `get_lora_config_kwargs`: 0.21 calls it only
+  for `lora_like` adapters, for which it builds a stock `LoraConfig`;
 - `post_model_load`: Axolotl >= 0.21 re-draws every `lora_A` after loading when
   `init_lora_weights is True` (`ModelLoader._reinit_lora_from_seed`, for layout-independent
-  seeds). That would undo CoRA's `A = 0` start (and any init an axis makes), so the A that
-  `load_adapter` produced is put back here, the first hook after the re-draw;
+  seeds; 0.21 has no hook to opt out). That would undo CoRA's `A = 0` start (and any init an axis
+  makes), so the A that `load_adapter` produced is put back here, the first hook after the re-draw;
 - `get_trainer_cls` / `post_trainer_create`: the trainer carries `LoraForgeTrainerMixin`, which
   adds the methods' loss terms, param groups, schedule and log values (`salora/lambda`, ...).
+Not `create_optimizer`: 0.21 never calls the plugin hook (no caller of
+`PluginManager.create_optimizer`), so the mixin's `create_optimizer` builds the param groups with
+the optimizer class Axolotl picked. Not `create_lr_scheduler`: it would replace Axolotl's choice;
+SaLoRA's constant gate lr is held by loraforge's optimizer pre-step hook under any scheduler.
 Every hook returns at once unless `adapter` names a loraforge method, because Axolotl >= 0.21
 loads entry-point plugins into every run.
 """

@@ -266,6 +266,8 @@ def driver(model: torch.nn.Module) -> Driver:
 
 
 # optimizer hooks -------------------------------------------------------------------------------
+#: Param-group key: the group's learning rate, held through any LR schedule (`pin_constant_lr`).
+CONSTANT_LR = "loraforge_constant_lr"
 _OPT_CACHE: "weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple]" = weakref.WeakKeyDictionary()
 
 
@@ -295,10 +297,32 @@ def _state_init_step(optimizer: torch.optim.Optimizer) -> bool:
     return all(not (t.to_local() if hasattr(t, "to_local") else t).any() for t in grads)
 
 
+def pin_constant_lr(optimizer: torch.optim.Optimizer) -> None:
+    """Param groups that carry `loraforge_constant_lr: <lr>` (SaLoRA's gates) step at that lr.
+
+    Runs before every optimizer step, so it holds whatever scheduler wrote `group["lr"]` after the
+    last one: LambdaLR scales each group's initial lr, but RexLR and OneCycleLR (Axolotl's `rex`,
+    `one_cycle`) write one value into every group, JaggedLR wraps another scheduler,
+    ReduceLROnPlateau chains, and a plugin's or a hand loop's scheduler is unknown here. Only the
+    lr is held: `one_cycle` still cycles the gate group's betas, as for every other group.
+    """
+    for group in optimizer.param_groups:
+        lr = group.get(CONSTANT_LR)
+        if lr is True:  # optimizer state saved before the marker carried its value
+            lr = group.get("initial_lr")
+        if lr is None or lr is False:
+            continue
+        if isinstance(group["lr"], torch.Tensor):  # capturable / fused optimizers keep lr as a tensor
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+
+
 def _pre_step(optimizer, args, kwargs) -> None:
     optimizer._loraforge_skip = _state_init_step(optimizer)
     if optimizer._loraforge_skip:
         return
+    pin_constant_lr(optimizer)
     for d in _drivers_of_optimizer(optimizer):
         if d.step == 0:  # the first update; later, `begin` (trainers, resumes) and new drivers check
             d.refuse_sharded()

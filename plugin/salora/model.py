@@ -12,10 +12,11 @@ Decisions the paper leaves open:
   `λ ← max(0, λ + η_c·(C_t - b)²)`. In the linear-quadratic form `λ1 ← λ1 + η_c·(C_t - b)` is not
   projected: it is the multiplier of an equality constraint, so its sign is free (as in the
   two-multiplier form of Wang et al. 2020).
-- `η_c` is constant: the trainer's LR schedule does not scale the gate group (core's trainer pins
-  groups that carry `loraforge_constant_lr`), as Algorithm 1 writes it. Gates move only inside the window: outside it the forward does
-  not use the logits (or uses them detached), there is no λ term, and after every step outside the
-  window their `.grad` is set to None, so AdamW applies neither momentum nor weight decay to them.
+- `η_c` is constant: no LR schedule scales the gate group (the optimizer pre-step hook resets groups
+  that carry `loraforge_constant_lr`, core/driver.py), as Algorithm 1 writes it. Gates move only
+  inside the window: outside it the forward does not use the logits (or uses them detached), there
+  is no λ term, and after every step outside the window their `.grad` is set to None, so AdamW
+  applies neither momentum nor weight decay to them.
 - At the end of the window the gates freeze: `select_gates` with the config's `prune_budget` sets the
   gate every later forward, eval, merge and export uses, so the last part of training adapts to
   exactly the ranks the export keeps. "exact" keeps, over all modules, the ranks with the highest
@@ -33,7 +34,7 @@ from typing import Optional
 import torch
 
 from ..core import sharding
-from ..core.driver import Controller
+from ..core.driver import CONSTANT_LR, Controller
 from ..core.layer import ForgeLinear
 from .layer import BUDGET_CODES, GateSampler, HardConcreteGate, expected_gate, phase_at, prob_nonzero
 from .orth import orth_penalty
@@ -238,7 +239,7 @@ class SaLoRAController(Controller):
 
     def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
         return [{"params": [a.log_alpha for a in self.axes], "lr": self.config.gate_lr, "weight_decay": 0.0,
-                 "loraforge_constant_lr": True, "name": "salora_gates"}]
+                 CONSTANT_LR: self.config.gate_lr, "name": "salora_gates"}]
 
     def before_step(self) -> None:
         # Outside the window the logits must take no step: FSDP1 hands every parameter a gradient
