@@ -127,6 +127,13 @@ class GateSampler:
         """The parameters may have changed (an optimizer step, a load): the next use restacks them."""
         self._stacked = None
 
+    def __getstate__(self) -> dict:
+        # The per-forward caches hold autograd graphs, which copy.deepcopy and pickle cannot copy (a deep
+        # copy of a model trained inside the window failed); a copy draws afresh at its next forward.
+        state = dict(self.__dict__)
+        state.update(noise=None, parts=None, used=set(), drawer=-1, _stacked=None)
+        return state
+
     def _noise_of(self, i: int) -> torch.Tensor:
         return self.noise[i] if self.same_rank else self.noise[self.offsets[i]:self.offsets[i] + self.sizes[i]]
 
