@@ -13,8 +13,13 @@ message that starts with the key to change (`salora.target_density: ...`, `lora_
 Decisions:
 - A method block without `adapter:` naming that method is refused rather than ignored: it is
   almost always a forgotten `adapter:` line, and silently training plain LoRA would waste the run.
-- Quantized bases (`load_in_4bit`/`load_in_8bit`/`gptq`) are refused: Delta-LoRA writes or folds
-  into `W` and merge/export need a full-precision weight; QLoRA-style training is not implemented.
+- Quantised bases: `adapter: salora | delta_lora | cora` with `load_in_4bit: true` (or
+  `load_in_8bit: true`), as a QLoRA user writes `adapter: qlora` + `load_in_4bit: true`. Axolotl
+  builds its bitsandbytes config only for `adapter: qlora` (4-bit) / `lora` (8-bit), so the plugin
+  passes the same config through Axolotl's `model_kwargs` (4-bit: Axolotl's QLoRA recipe, NF4,
+  double quantisation, bf16 quant storage, compute in the run's dtype; `bnb_config_kwargs`
+  overrides it as for qlora), and runs `prepare_model_for_kbit_training` itself before wrapping the
+  model, which Axolotl does only for lora/qlora. GPTQ bases are refused (bitsandbytes only).
 - Axolotl's fused LoRA kernels (`lora_*_kernel`) compute `B A x` themselves and would skip the
   gates and the folded Delta-LoRA term, so they are refused (Axolotl only auto-enables them for
   `adapter: lora|qlora`).
@@ -55,13 +60,10 @@ LORA_KEYS = {
 _AXOLOTL_KEY = {field: key for key, field in LORA_KEYS.items()}
 
 _KERNELS = "Axolotl's fused LoRA kernels compute B·A·x themselves and skip loraforge's layer (gates, folded deltas); set it to false"
-_QUANTIZED = ("loraforge adapters need a full-precision base (Delta-LoRA moves W; merge and export write W); "
-              "quantized (QLoRA-style) training is not implemented, remove it")
 #: Axolotl options that would bypass or break loraforge's layers, with the fix.
 REFUSED = {
-    "load_in_4bit": _QUANTIZED,
-    "load_in_8bit": _QUANTIZED,
-    "gptq": _QUANTIZED,
+    "gptq": ("loraforge adapters support bitsandbytes bases (load_in_4bit: true / load_in_8bit: true) and "
+             "full-precision ones, not GPTQ; remove it and load the full-precision model with load_in_4bit"),
     "lora_mlp_kernel": _KERNELS,
     "lora_qkv_kernel": _KERNELS,
     "lora_o_kernel": _KERNELS,
@@ -99,7 +101,30 @@ class LoraForgeArgs(BaseModel):
             check_config(data)
             if data.get("adapter") in METHODS and data.get("merge_method") is None:
                 data["merge_method"] = "legacy"  # merges through loraforge's layers (see REFUSED_VALUES)
+            if data.get("adapter") in METHODS and (data.get("load_in_4bit") or data.get("load_in_8bit")):
+                kwargs = dict(data.get("model_kwargs") or data.get("overrides_of_model_kwargs") or {})
+                kwargs["quantization_config"] = bnb_config(data)
+                data["model_kwargs"] = kwargs
+                data.pop("overrides_of_model_kwargs", None)
         return data
+
+
+def bnb_config(cfg) -> dict:
+    """The bitsandbytes config (a dict `from_pretrained` accepts) for `load_in_4bit` / `load_in_8bit`:
+    the one Axolotl builds for `adapter: qlora` / `adapter: lora` + `load_in_8bit`."""
+    if cfg.get("load_in_4bit") and cfg.get("load_in_8bit"):
+        raise ValueError("load_in_8bit: set one of load_in_4bit / load_in_8bit, not both")
+    given = cfg.get("model_kwargs") or cfg.get("overrides_of_model_kwargs") or {}
+    if "quantization_config" in given:
+        raise ValueError("model_kwargs.quantization_config: with load_in_4bit / load_in_8bit the loraforge plugin "
+                         "builds the bitsandbytes config (tune it with bnb_config_kwargs); remove one of them")
+    if cfg.get("load_in_8bit"):
+        return {"quant_method": "bitsandbytes", "load_in_8bit": True}
+    bf16, fp16 = cfg.get("bf16"), cfg.get("fp16")
+    dtype = "bfloat16" if bf16 in (True, "auto") else "float16" if fp16 else "float32"
+    return {"quant_method": "bitsandbytes", "load_in_4bit": True, "llm_int8_threshold": 6.0,
+            "llm_int8_has_fp16_weight": False, "bnb_4bit_compute_dtype": dtype, "bnb_4bit_use_double_quant": True,
+            "bnb_4bit_quant_type": "nf4", "bnb_4bit_quant_storage": "bfloat16", **(cfg.get("bnb_config_kwargs") or {})}
 
 
 def config_class(method: str):

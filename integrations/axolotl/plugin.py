@@ -40,6 +40,21 @@ def _forge_layers(model):
     return [m for m in model.modules() if isinstance(m, ForgeLinear)]
 
 
+def _prepare_quantized(model, cfg):
+    """A bitsandbytes base gets PEFT's k-bit preparation (frozen base, fp32 norms, input grads for
+    checkpointing), which Axolotl applies only for lora/qlora; a requested quantisation that did not
+    happen is refused rather than trained in full precision."""
+    for bits in ("4bit", "8bit"):
+        if cfg.get(f"load_in_{bits}") and not getattr(model, f"is_loaded_in_{bits}", False):
+            raise ValueError(f"load_in_{bits}: the base model was not loaded in {bits} (is bitsandbytes installed, and "
+                             "did the plugin's config validation run?); refusing to train it in full precision")
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(cfg.get("gradient_checkpointing")))
+    return model
+
+
 class LoraForgePlugin(BasePlugin):
     """Axolotl plugin for loraforge's SaLoRA, Delta-LoRA and CoRA adapters."""
 
@@ -67,6 +82,7 @@ class LoraForgePlugin(BasePlugin):
         import loraforge
         from loraforge.core.io import saved_method
 
+        model = _prepare_quantized(model, cfg)
         linear = find_all_linear_names(model) if cfg.get("lora_target_linear") else None
         if cfg.get("lora_model_dir"):
             path = cfg["lora_model_dir"]

@@ -41,10 +41,14 @@ class ForgeConfig(LoraConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        from .layer import ForgeLinear  # late: the layer module imports this one
         import torch.nn as nn
 
-        self._register_custom_module({nn.Linear: ForgeLinear, **{cls: _refuse_layer for cls in _unsupported_layers()}})
+        from .quantized import forge_linear, refuse_backend  # late: it imports this module
+
+        # nn.Linear (and bnb's 4-bit / 8-bit linears, its subclasses) -> loraforge's layers; any other
+        # targeted module (GPTQ, AWQ, HQQ, ... layers) is refused rather than left to PEFT's plain LoRA.
+        self._register_custom_module({nn.Linear: forge_linear, **{cls: _refuse_layer for cls in _unsupported_layers()},
+                                      nn.Module: refuse_backend})
         self.validate()
 
     def validate(self) -> None:

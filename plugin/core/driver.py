@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 
 from .layer import ADAPTER_GENERATION, LIVE_LAYERS, ForgeLinear, module_order
+from .quantized import stored_shape
 
 
 class Controller:
@@ -226,8 +227,8 @@ def sharded_weight(layers: list[ForgeLinear], adapter: str) -> Optional[str]:
                 return f"{what} is a DTensor with placements {tuple(t.placements)} (FSDP2 / tensor parallel)"
             if hasattr(t, "ds_id"):
                 return f"{what} is partitioned by DeepSpeed ZeRO-3"
-            if tuple(t.shape) != shape:
-                return f"{what} has shape {tuple(t.shape)}, not {shape} (an FSDP flat-parameter shard)"
+            if tuple(t.shape) != stored_shape(t, shape):  # a whole bnb 4-bit weight is packed into (n, 1)
+                return f"{what} has shape {tuple(t.shape)}, not {stored_shape(t, shape)} (an FSDP flat-parameter shard)"
     return None
 
 

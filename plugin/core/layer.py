@@ -258,7 +258,8 @@ class ForgeLinear(LoraLinear):
             gate = self.gate_values(adapter)
             if gate is not None:
                 hidden = hidden * (gate if gate.dtype == hidden.dtype else gate.to(hidden.dtype))
-            result = result + lora_b(hidden) * self.scaling[adapter]
+            # A and B may differ in dtype: TRL casts only trainable adapter tensors to bf16 on k-bit bases (CoRA's frozen B stays fp32).
+            result = result + lora_b(hidden if hidden.dtype == lora_b.weight.dtype else hidden.to(lora_b.weight.dtype)) * self.scaling[adapter]
             for axis in self.forge_axes.get(adapter, []):
                 extra = axis.extra_output(xa)
                 if extra is not None:

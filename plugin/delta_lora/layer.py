@@ -31,7 +31,9 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BufferDict
 from peft.utils.other import transpose
 
+from ..core.config import ForgeConfigError
 from ..core.layer import Axis
+from ..core.quantized import dense_weight, is_quantized, quantization_name
 
 _HALF = (torch.float16, torch.bfloat16)
 _PRINT_SEED = 20230901  # any fixed seed: the probe must be the same at save and at load
@@ -55,6 +57,11 @@ class DeltaPropagation(Axis):
         self.ratio = float(config.update_ratio)
         self.start_step = int(config.start_step)
         self.in_place = config.propagation == "in_place"
+        if self.in_place and is_quantized(layer.get_base_layer()):
+            raise ForgeConfigError(
+                f"propagation: 'in_place' writes W after every optimizer step, but {layer.forge_name or 'this layer'} "
+                f"has a {quantization_name(layer.get_base_layer())} W, which cannot hold a small update (requantising "
+                "each step rounds it away); use propagation='folded', which never writes W and trains the same model")
         self.taken = False
         # In place: W = W_0 + λ·s·(B_a A_a - B_Ka A_Ka) with (B_a, A_a) = `applied` (copies: the optimizer
         # changes B, A in place) and (B_Ka, A_Ka) = the snapshot buffers, or `applied_snapshot` once a
@@ -83,7 +90,8 @@ class DeltaPropagation(Axis):
     # state ----------------------------------------------------------------------------------
     @property
     def weight(self) -> torch.Tensor:
-        return self.layer.get_base_layer().weight
+        """W as dense numbers (a dequantised copy on a bnb base: read only at init, merge and load)."""
+        return dense_weight(self.layer.get_base_layer())
 
     @property
     def scaling(self) -> float:

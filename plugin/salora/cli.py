@@ -6,7 +6,6 @@ recorded in `loraforge_export.json`).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from types import SimpleNamespace
@@ -80,12 +79,16 @@ def stock_summary(path: str) -> dict:
 
 
 def ranks_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="loraforge ranks", description="Per-module ranks of a SaLoRA adapter "
-                                     "(or of a stock LoRA adapter written by `loraforge export`).")
-    parser.add_argument("adapter", help="folder of a saved adapter (adapter_config.json + adapter_model.safetensors)")
-    parser.add_argument("--png", help="also write the layers × module-type heat map to this PNG file")
-    parser.add_argument("--json", help="also write the numbers to this JSON file")
-    args = parser.parse_args(argv)
+    from loraforge_cli import parse
+
+    return ranks(parse("ranks", argv))
+
+
+def ranks(args) -> int:
+    """`loraforge ranks` with parsed arguments (see loraforge_cli)."""
+    from loraforge_cli import UsageError, check_adapter_dir
+
+    check_adapter_dir(args.adapter)
     config, _ = read_adapter(args.adapter)
     if config.get("peft_type") == "LORAFORGE_SALORA":
         summary = adapter_summary(args.adapter)
@@ -95,8 +98,9 @@ def ranks_main(argv: list[str]) -> int:
         print(f"lambda {summary['lambda']:.6g} (linear {summary['lambda_linear']:.6g}) | window {window} | "
               f"step {summary['step']} | gates "
               f"{'frozen with prune_budget=' + repr(summary['frozen']) if summary['frozen'] else 'not frozen'}")
-        ranks = {r["module"]: r["export_rank"] for r in summary["modules"]}
+        module_ranks = {r["module"]: r["export_rank"] for r in summary["modules"]}
         r_max = max(r["r"] for r in summary["modules"])
+        densities = summary
     elif config.get("peft_type") == "LORA":
         summary = stock_summary(args.adapter)
         for row in summary["modules"]:
@@ -105,14 +109,16 @@ def ranks_main(argv: list[str]) -> int:
         if salora:
             print("densities at export: " + ", ".join(f"{k} {salora[k]:.3f}" for k in
                   ("target_density", "expected_density", "realized_density", "export_density")))
-        ranks = {r["module"]: r["export_rank"] for r in summary["modules"]}
-        r_max = max(ranks.values())
+        module_ranks = {r["module"]: r["export_rank"] for r in summary["modules"]}
+        r_max = max(module_ranks.values())
+        densities = salora
     else:
-        parser.error(f"{args.adapter}: not a SaLoRA or LoRA adapter (peft_type {config.get('peft_type')!r})")
+        raise UsageError(f"{args.adapter}: not a SaLoRA or LoRA adapter (peft_type {config.get('peft_type')!r}); "
+                         "pass a folder written by a SaLoRA run or by `loraforge export`")
     if args.png:
-        from .plot import rank_heatmap
+        from .plot import heatmap_title, rank_heatmap
 
-        if rank_heatmap(ranks, args.png, r_max=r_max) is None:
+        if rank_heatmap(module_ranks, args.png, r_max=r_max, title=heatmap_title(densities)) is None:
             print("no module has a layer index: no heat map written")
     if args.json:
         write_summary(summary, args.json)

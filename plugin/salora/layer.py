@@ -128,11 +128,9 @@ class GateSampler:
         self._stacked = None
 
     def __getstate__(self) -> dict:
-        # The per-forward caches hold autograd graphs, which copy.deepcopy and pickle cannot copy (a deep
-        # copy of a model trained inside the window failed); a copy draws afresh at its next forward.
-        state = dict(self.__dict__)
-        state.update(noise=None, parts=None, used=set(), drawer=-1, _stacked=None)
-        return state
+        # deepcopy / pickle of a model: the latest draw holds non-leaf tensors of a finished graph, which
+        # cannot be copied and mean nothing to the copy; it starts with no draw.
+        return {**self.__dict__, "noise": None, "parts": None, "_stacked": None, "used": set(), "drawer": -1}
 
     def _noise_of(self, i: int) -> torch.Tensor:
         return self.noise[i] if self.same_rank else self.noise[self.offsets[i]:self.offsets[i] + self.sizes[i]]

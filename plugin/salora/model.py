@@ -283,7 +283,7 @@ class SaLoRAController(Controller):
         table = format_table(s)
         logger.info("SaLoRA ranks after training:\n%s", table)
         if output_dir and _main_process():
-            from .plot import rank_heatmap
+            from .plot import heatmap_title, rank_heatmap
 
             os.makedirs(output_dir, exist_ok=True)
             write_summary(s, os.path.join(output_dir, "salora_ranks.json"))
@@ -291,7 +291,7 @@ class SaLoRAController(Controller):
                 f.write(table + "\n")
             rank_heatmap({r["module"]: r["export_rank"] for r in s["modules"]}, os.path.join(output_dir, "salora_ranks.png"),
                          r_max=max(r["r"] for r in s["modules"]),
-                         title=f"SaLoRA ranks (density {s['export_density']:.2f}, target {s['target_density']:.2f})")
+                         title=heatmap_title(s))
         if not self.frozen:
             _warn(f"SaLoRA: training ended at step {self.step}, before the gates froze at the end of the window "
                   f"(step {self.end}); merge and export use the deterministic gates. Call "
