@@ -201,3 +201,14 @@ def test_a_deep_copy_trains_like_the_original():
         torch.testing.assert_close(p, w[n], atol=1e-6, rtol=0)
         moved = max(moved, float((p - dict(twin.named_parameters())[n]).abs().max()))
     assert moved > 1e-3
+
+
+def test_a_model_trained_inside_the_gate_window_can_be_deep_copied():
+    """The batched gate sampler caches autograd graphs between forwards; a copy must not carry them."""
+    model = get_peft_model(testing.tiny_llama(0), loraforge.SaLoRAConfig(r=4, target_modules=TARGETS,
+                                                                          window_start=1, window_end=20, gate_lr=0.5))
+    train(model, steps=4, max_steps=40)
+    model.train()
+    model(input_ids=X, labels=X).loss.backward()  # leaves a sampled gate (with its graph) cached
+    copied = copy.deepcopy(model).eval()
+    close(logits(copied), logits(model.eval()), atol=1e-6)
