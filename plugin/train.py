@@ -159,8 +159,10 @@ def run(cfg: dict) -> str:
     training.setdefault("max_length", cfg.get("max_length", 256))
     training.setdefault("report_to", [])
     # TRL's configs default the deprecated `gradient_checkpointing` to True, which warns on every
-    # run; the same setting under its new name keeps TRL's default without the warning.
-    training.setdefault("activation_checkpointing", training.pop("gradient_checkpointing", True))
+    # run; the same setting under its new name keeps TRL's default without the warning (TRL < 1.16,
+    # as Axolotl 0.21 pins, has only the old name).
+    if "activation_checkpointing" in SFTConfig.__dataclass_fields__:
+        training.setdefault("activation_checkpointing", training.pop("gradient_checkpointing", True))
     try:
         args = SFTConfig(**training)
     except TypeError as exc:
