@@ -30,6 +30,7 @@ DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "
 ORTH_REDUCTIONS = ("mean", "sum")
 LAGRANGIANS = ("quadratic", "linear_quadratic")
 PRUNE_BUDGETS = ("exact", "gate")
+BUDGET_CONTROLS = ("schedule", "paper")
 
 
 def _is_number(value) -> bool:
@@ -85,6 +86,12 @@ class SaLoRAConfig(ForgeConfig):
         default="quadratic",
         metadata={"help": "'quadratic': λ·(C-b)² (Eq. 12); 'linear_quadratic': λ1·(C-b) + λ2·(C-b)², both ascended."},
     )
+    budget_control: str = field(
+        default="schedule",
+        metadata={"help": "How C is driven to b inside the window: 'schedule' (default) holds a target falling from "
+                          "C at init to b by 3/4 of the window with a multiplicative multiplier; 'paper' is "
+                          "Eq. 12, λ <- max(0, λ + gate_lr·(C-b)²)."},
+    )
     prune_budget: str = field(
         default="exact",
         metadata={"help": "Which ranks survive when the gates freeze: 'exact' keeps the best-scoring ranks "
@@ -116,6 +123,10 @@ class SaLoRAConfig(ForgeConfig):
             require(self.window_start < self.window_end, "window_start",
                     f"must be before window_end, got window_start={self.window_start!r} >= window_end={self.window_end!r}")
         require(self.lagrangian in LAGRANGIANS, "lagrangian", f"must be one of {LAGRANGIANS}, got {self.lagrangian!r}")
+        require(self.budget_control in BUDGET_CONTROLS, "budget_control",
+                f"must be one of {BUDGET_CONTROLS}, got {self.budget_control!r}")
+        require(self.budget_control == "paper" or self.lagrangian == "quadratic", "lagrangian",
+                f"{self.lagrangian!r} is a form of the paper's multiplier rule: set budget_control='paper' with it")
         require(self.prune_budget in PRUNE_BUDGETS, "prune_budget",
                 f"must be one of {PRUNE_BUDGETS}, got {self.prune_budget!r}")
         require(not self.use_dora, "use_dora", "SaLoRA's gated layer cannot be combined with DoRA; set use_dora=False")
