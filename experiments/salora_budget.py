@@ -131,7 +131,8 @@ def run(seed: int, control: str, steps: int, args) -> dict:
         d = None
     else:
         model = get_peft_model(base, loraforge.SaLoRAConfig(
-            target_modules=list(NAMES), target_density=density, budget_control=control, prune_budget=args.prune))
+            target_modules=list(NAMES), target_density=density, budget_control=control, prune_budget=args.prune,
+            orth_reg_weight=args.orth))
         d = loraforge.driver(model).begin(max_steps=steps)
         gates = d.param_groups(args.lr, 0.0)
         taken = {id(p) for g in gates for p in g["params"]}
@@ -190,6 +191,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--strength", type=float, default=1.0)
+    parser.add_argument("--orth", type=float, default=0.1, help="SaLoRA's orth_reg_weight β (paper: 0.1)")
     parser.add_argument("--json", help="write the rows to this file")
     parser.add_argument("--trace", action="store_true", help="print C, realised density and λ through the window")
     args = parser.parse_args()

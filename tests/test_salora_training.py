@@ -70,7 +70,7 @@ def run(tmp_path_factory):
     tok = testing.tiny_tokenizer()
     data = testing.lm_dataset(tok, testing.alpaca_records()[:64])
     model = get_peft_model(testing.tiny_llama(0), loraforge.SaLoRAConfig(
-        window_start=6, window_end=18, gate_lr=0.1, target_density=B, prune_budget="exact"))
+        window_start=6, window_end=18, gate_lr=0.1, target_density=B, prune_budget="exact", budget_control="paper"))
     out = tmp_path_factory.mktemp("salora_run")
     trainer = loraforge.LoraForgeTrainer(model=model, train_dataset=data, args=args(
         out, gradient_accumulation_steps=2, weight_decay=0.1, warmup_steps=3, lr_scheduler_type="linear"))
@@ -171,7 +171,7 @@ def test_a_short_run_reaches_the_target_density():
 def test_linear_quadratic_lagrangian_ascends_both_multipliers():
     torch.manual_seed(0)
     model = get_peft_model(testing.tiny_llama(0), loraforge.SaLoRAConfig(
-        window_start=0, window_end=8, gate_lr=0.5, lagrangian="linear_quadratic"))
+        window_start=0, window_end=8, gate_lr=0.5, lagrangian="linear_quadratic", budget_control="paper"))
     history = []
     for d, _ in _hand_loop(model, 8):
         history.append((expected_density_by_hand(model), lambdas(model)))
