@@ -140,5 +140,9 @@ def main(argv: list[str]) -> int:
         out = run(cfg)
     except TrainConfigError as exc:
         parser.exit(2, f"loraforge train: {exc}\n")
+    ranks = Path(out) / "salora_ranks.txt"
+    if ranks.exists():  # SaLoRA: the per-module ranks its gates chose, and where the reports are
+        print(ranks.read_text().rstrip())
+        print(f"rank table: {ranks.resolve()}\nrank heat map: {ranks.with_suffix('.png').resolve()}")
     print(f"adapter saved to {Path(out).resolve()}")
     return 0

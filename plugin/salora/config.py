@@ -8,6 +8,14 @@ experiments/salora_planted.py, see the module docstrings of `model.py` and `laye
   adapter so that a resume keeps them.
 - The gates' learning rate `gate_lr` is constant: the trainer's LR schedule does not scale it (the
   paper's Algorithm 1 uses a fixed `η_c` for the gates and for `λ`).
+- `budget_control` decides how C is driven to b inside the window. "schedule" (default): a target
+  falling cubically from C at init to b by 3/4 of the window, then held, on which C is put after
+  every optimizer step by a multiplier solved for that step, with the gates' step scaled to the
+  window's length and the gates sharpened over the hold (model.py's docstring). "paper": Eq. 12,
+  λ(C - b)² with λ <- max(0, λ + η_c·(C - b)²). Measured in experiments/salora_budget.py (planted
+  ranks, 3 seeds, runs of 200 / 1,000 / 5,000 steps, the paper's other defaults): "schedule" ends the
+  window at |C - b| < 1e-3 and |realised - b| <= 0.01 at every length; "paper" at C - b = +0.47 /
+  +0.29 at 200 / 1,000 steps, i.e. never reaches b (as METHODS.md measured at LLaMA run lengths).
 - `prune_budget` decides which ranks survive when the gates freeze at the end of the window (the
   rest of training then adapts to exactly those ranks, and eval, merge and export use them):
   "gate" keeps the ranks whose deterministic gate ĝ is > 0 (the paper's rule), "exact" keeps the

@@ -29,8 +29,8 @@ Decisions the paper leaves open:
   linear-quadratic form `λ1 ← λ1 + η_c·(C_t - b)` is not projected: it is the multiplier of an
   equality constraint, so its sign is free (as in the two-multiplier form of Wang et al. 2020).
   Measured (experiments/salora_budget.py, the note of issue 14): at T = 200 / 1,000 / 5,000 steps
-  "paper" ends the window at C ≈ 0.91 / … / … for b ≈ 0.46 (never reached), "schedule" at C = b
-  (|C - b| < 1e-3) and |realised - b| <= 0.01 at every length and seed.
+  "paper" ends the window at C - b = +0.47 / +0.29 at T = 200 / 1,000 (3 seeds, b = 0.36-0.50: never
+  reached), "schedule" at |C - b| < 1e-3 and |realised - b| <= 0.01 at T = 200 / 1,000 / 5,000.
   λ (and Λ, μ) are device tensors updated in place: no host sync per step.
 - `η_c` is constant: the trainer's LR schedule does not scale the gate group (core's trainer pins
   groups that carry `loraforge_constant_lr`), as Algorithm 1 writes it. Gates move only inside the window: outside it the forward does
