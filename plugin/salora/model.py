@@ -15,7 +15,7 @@ Decisions the paper leaves open:
   of the Lagrangian term μ·(C - b_t) whose μ is the one that satisfies the constraint, instead of
   an ascended one. `salora/lambda` logs Λ = Σμ (it rises while b_t falls and settles in the hold).
   Two more pieces make it independent of the run length: the optimizer's own move of the logits is
-  scaled by max(1, 10 / (gate_lr·window steps)) (Adam moves a logit by at most ~gate_lr a step, so
+  scaled by max(1, min(10 / window steps, 0.1) / gate_lr) (Adam moves a logit by at most ~gate_lr a step, so
   with the paper's 0.01 a 60-step window, a 200-step run, cannot move them the ~2.4 units that
   C = 0.5 needs; from a 1,000-step window on the step is the paper's), and over the hold the
   logits' distances from the ĝ > 0 threshold grow 20× (C kept on b), so the gates end decisively
@@ -70,6 +70,9 @@ SCHEDULE_END = 0.75
 SHARPEN = 20.0
 #: logit units the gates can at least travel over the window (their step is scaled up to allow it).
 GATE_TRAVEL = 10.0
+#: ... but the scaled step stays <= this many logit units a step: a larger one lets the task's move outrun the
+#: budget's (<= 1 unit a step) in windows under 100 steps (measured: an 18-step window ended at C = 0.53, b = 0.5).
+GATE_STEP_MAX = 0.1
 #: Safeguarded Newton iterations of the per-step multiplier (the step's gap is small: 3 reach float32
 #: round-off; the rest cover the bisection fallback where the sigmoids saturate).
 NEWTON_STEPS = 6
@@ -290,7 +293,8 @@ class SaLoRAController(Controller):
 
     def gate_gain(self) -> float:
         """How many times the optimizer's own gate step the "schedule" control applies (>= 1)."""
-        return max(1.0, GATE_TRAVEL / (self.config.gate_lr * (self.end - self.start)))
+        lr = self.config.gate_lr
+        return max(1.0, min(GATE_TRAVEL / (self.end - self.start), GATE_STEP_MAX) / lr)
 
     @torch.no_grad()
     def _step_schedule(self, step: int) -> None:
