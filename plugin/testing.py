@@ -6,8 +6,6 @@ tokenizer is a byte-level BPE trained in-process on the shipped instruction set.
 from __future__ import annotations
 
 import functools
-import json
-from importlib import resources
 
 import torch
 
@@ -16,8 +14,9 @@ SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 
 def alpaca_records() -> list[dict]:
     """The project's own Alpaca-style instruction set (instruction / input / output)."""
-    text = resources.files("loraforge.data").joinpath("alpaca_mini.jsonl").read_text(encoding="utf-8")
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    from .data import alpaca_records as shipped
+
+    return shipped()
 
 
 @functools.lru_cache(maxsize=4)

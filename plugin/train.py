@@ -1,8 +1,11 @@
 """`loraforge train [CONFIG.yaml]`: supervised fine-tuning with a loraforge adapter from one YAML.
 
-Keys (all optional but `adapter`; with no config at all the shipped quickstart runs):
+Keys (all optional but `adapter`; with no config at all the shipped quickstart runs; `train --help`
+lists the same keys, from `loraforge_cli.TRAIN_KEYS`, and a test keeps both in step with TOP_KEYS):
   model: local folder or hub id (null: the embedded SmolLM2-135M-Instruct)
   dtype: float32 (default) | bfloat16 | float16: the dtype the base weights are loaded in
+  load_in_4bit / load_in_8bit: true: load the base quantised by bitsandbytes (QLoRA: NF4 with double
+    quantisation, compute in `dtype`; or LLM.int8), the key names TRL's ModelConfig and Axolotl use
   data: a .json/.jsonl file of Alpaca records {instruction, input, output} (null: the shipped set)
   max_length: tokens per example (default 256)
   adapter: {method: salora | delta_lora | cora, ...fields of that method's config}
@@ -11,33 +14,46 @@ The run goes through `LoraForgeSFTTrainer`, so every method's training dynamics 
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
+import warnings
 from importlib import resources
 from pathlib import Path
 
 import yaml
 
-TOP_KEYS = {"model", "dtype", "data", "max_length", "adapter", "training"}
+TOP_KEYS = {"model", "dtype", "load_in_4bit", "load_in_8bit", "data", "max_length", "adapter", "training"}
 DTYPES = ("float32", "bfloat16", "float16")
 
 
 class TrainConfigError(ValueError):
-    pass
+    """A mistake in the YAML job; the message names the key and the fix."""
 
 
 def load_config(path: str | None) -> dict:
     if path is None:
         text = resources.files("loraforge.data").joinpath("quickstart.yaml").read_text()
     else:
+        from loraforge_cli import check_config_file
+
+        check_config_file(path)
         text = Path(path).read_text()
-    cfg = yaml.safe_load(text) or {}
+    try:
+        cfg = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise TrainConfigError(f"{path or 'quickstart.yaml'}: YAML syntax error{where}: {problem}; check the "
+                               "indentation and that every `key: value` has its colon and closed quotes") from None
+    if not isinstance(cfg, dict):
+        raise TrainConfigError(f"{path}: the YAML must be a mapping of keys {sorted(TOP_KEYS)}, got {type(cfg).__name__}")
     unknown = set(cfg) - TOP_KEYS
     if unknown:
         raise TrainConfigError(f"unknown top-level key(s) {sorted(unknown)}; allowed: {sorted(TOP_KEYS)}")
     if cfg.get("dtype", "float32") not in DTYPES:
         raise TrainConfigError(f"dtype: {cfg['dtype']!r} is not one of {list(DTYPES)}")
+    if cfg.get("load_in_4bit") and cfg.get("load_in_8bit"):
+        raise TrainConfigError("load_in_8bit: set one of load_in_4bit / load_in_8bit, not both")
     if not isinstance(cfg.get("adapter"), dict) or "method" not in cfg["adapter"]:
         raise TrainConfigError("adapter: a block with `method: salora | delta_lora | cora` is required")
     return cfg
@@ -60,32 +76,66 @@ def adapter_config(block: dict):
     return cls(**block)
 
 
+def quantization(cfg: dict, dtype):
+    """The bitsandbytes config of `load_in_4bit` / `load_in_8bit` (None: full precision). 4-bit is the
+    QLoRA recipe (NF4, double quantisation), computing in the run's `dtype`."""
+    if cfg.get("load_in_4bit"):
+        from transformers import BitsAndBytesConfig
+
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=dtype)
+    if cfg.get("load_in_8bit"):
+        from transformers import BitsAndBytesConfig
+
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
 def alpaca_prompt(record: dict) -> str:
     from .eval.prompts import alpaca_prompt as template
 
     return template(record["instruction"], record.get("input", ""))
 
 
-def load_records(path: str | None) -> list[dict]:
-    if path is None:
-        from .testing import alpaca_records
+def check_model(model_path: str):
+    """Refuse a `model:` that is neither a model folder nor a cached hub model, before any loading
+    (transformers would otherwise end in an unrelated "Repo id must use alphanumeric chars").
+    Returns the model's config."""
+    from transformers import AutoConfig
 
-        return alpaca_records()
-    text = Path(path).read_text(encoding="utf-8")
-    records = json.loads(text) if text.lstrip().startswith("[") else [json.loads(x) for x in text.splitlines() if x.strip()]
-    for i, r in enumerate(records):
-        missing = {"instruction", "output"} - set(r)
-        if missing:
-            raise TrainConfigError(f"data: record {i} of {path} lacks {sorted(missing)} (Alpaca format expected)")
-    return records
+    try:
+        return AutoConfig.from_pretrained(model_path)
+    except (OSError, ValueError):
+        raise TrainConfigError(
+            f"model: {model_path!r} is not a model folder (config.json and weights) nor a model in the Hugging Face "
+            "cache; set `model:` to a local folder, or to null for the embedded SmolLM2-135M-Instruct "
+            "(nothing is downloaded)") from None
 
 
-def build_dataset(records: list[dict], eos: str):
-    from datasets import Dataset
+def check_targets(model_config, peft_config, model_path: str) -> None:
+    """Refuse `target_modules` that match no module, listing the Linear layer names the model has;
+    the module tree comes from the config on the meta device, so no weight is loaded for this."""
+    import torch
+    import torch.nn as nn
+    from peft.tuners.tuners_utils import check_target_module_exists
+    from transformers import AutoModelForCausalLM
 
-    return Dataset.from_list(
-        [{"prompt": alpaca_prompt(r), "completion": r["output"] + eos} for r in records]
-    )
+    targets = peft_config.target_modules
+    if targets is None or targets == "all-linear":
+        return
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config)
+    if any(check_target_module_exists(peft_config, name) for name, _ in model.named_modules()):
+        return
+    linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
+    shown = sorted(targets) if isinstance(targets, (set, list, tuple)) else targets
+    raise TrainConfigError(f"adapter.target_modules: {shown} match no module of {model_path}; its Linear layers "
+                           f"are named {linear}")
+
+
+# PEFT 0.21 and TRL 1.16 read `model.is_gradient_checkpointing`, which transformers 5.24 deprecated:
+# a FutureWarning on every run that the user cannot act on (the code reading it is the libraries').
+_LIBRARY_DEPRECATIONS = r"`is_gradient_checkpointing` is deprecated"
 
 
 def run(cfg: dict) -> str:
@@ -94,14 +144,23 @@ def run(cfg: dict) -> str:
     from trl import SFTConfig
 
     from .core.sft import LoraForgeSFTTrainer
+    from .data import alpaca_dataset
     from .models import default_model_path
 
     peft_config = adapter_config(cfg["adapter"])
-    model_path = cfg.get("model") or default_model_path()
+    try:
+        dataset = alpaca_dataset(cfg.get("data"))  # read and checked before any model is loaded
+    except ValueError as exc:
+        raise TrainConfigError(str(exc)) from None
+    model_path = str(cfg.get("model") or default_model_path())
+    check_targets(check_model(model_path), peft_config, model_path)
     training = dict(cfg.get("training") or {})
     training.setdefault("output_dir", "outputs/loraforge")
     training.setdefault("max_length", cfg.get("max_length", 256))
     training.setdefault("report_to", [])
+    # TRL's configs default the deprecated `gradient_checkpointing` to True, which warns on every
+    # run; the same setting under its new name keeps TRL's default without the warning.
+    training.setdefault("activation_checkpointing", training.pop("gradient_checkpointing", True))
     try:
         args = SFTConfig(**training)
     except TypeError as exc:
@@ -109,40 +168,50 @@ def run(cfg: dict) -> str:
     tok = AutoTokenizer.from_pretrained(model_path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, cfg.get("dtype") or "float32"))
-    dataset = build_dataset(load_records(cfg.get("data")), tok.eos_token)
-    trainer = LoraForgeSFTTrainer(
-        model=model, args=args, train_dataset=dataset, processing_class=tok, peft_config=peft_config
-    )
-    if len(trainer.train_dataset) == 0:
-        raise TrainConfigError(
-            f"max_length: every example lost its response to truncation at {args.max_length} tokens; raise max_length"
+    dtype = getattr(torch, cfg.get("dtype") or "float32")
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, quantization_config=quantization(cfg, dtype))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_LIBRARY_DEPRECATIONS, category=FutureWarning)
+        trainer = LoraForgeSFTTrainer(
+            model=model, args=args, train_dataset=dataset, processing_class=tok, peft_config=peft_config
         )
-    trainer.train()
+        if len(trainer.train_dataset) == 0:
+            raise TrainConfigError(
+                f"max_length: every example lost its response to truncation at {args.max_length} tokens; raise max_length"
+            )
+        trainer.train()
     trainer.save_model(args.output_dir)
     return args.output_dir
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="loraforge train", description=__doc__.splitlines()[0])
-    parser.add_argument("config", nargs="?", help="YAML config (default: the shipped quickstart)")
-    parser.add_argument("--max-steps", type=int, help="override training.max_steps")
-    parser.add_argument("--output-dir", help="override training.output_dir")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config)
-        training = cfg.setdefault("training", {}) or {}
-        cfg["training"] = training
-        if args.max_steps is not None:
-            training["max_steps"] = args.max_steps
-        if args.output_dir is not None:
-            training["output_dir"] = args.output_dir
-        out = run(cfg)
-    except TrainConfigError as exc:
-        parser.exit(2, f"loraforge train: {exc}\n")
-    ranks = Path(out) / "salora_ranks.txt"
-    if ranks.exists():  # SaLoRA: the per-module ranks its gates chose, and where the reports are
-        print(ranks.read_text().rstrip())
-        print(f"rank table: {ranks.resolve()}\nrank heat map: {ranks.with_suffix('.png').resolve()}")
-    print(f"adapter saved to {Path(out).resolve()}")
+def report_outputs(out: str) -> None:
+    """The closing lines of a run: where the adapter went and, for SaLoRA, the rank table and heat map."""
+    out_dir = Path(out).resolve()
+    print(f"adapter saved to {out_dir}")
+    table = out_dir / "salora_ranks.txt"
+    if table.is_file():
+        lines = table.read_text(encoding="utf-8").splitlines()
+        print(lines[-1] if lines else "")  # the densities line
+        print(f"rank table: {table} (numbers: {out_dir / 'salora_ranks.json'})")
+        if (out_dir / "salora_ranks.png").is_file():
+            print(f"heat map:   {out_dir / 'salora_ranks.png'}")
+        print(f"print it again with: loraforge ranks {out_dir}")
+
+
+def run_args(args) -> int:
+    """`loraforge train` with parsed arguments (see loraforge_cli)."""
+    cfg = load_config(args.config)
+    training = cfg.get("training") or {}
+    cfg["training"] = training
+    if args.max_steps is not None:
+        training["max_steps"] = args.max_steps
+    if args.output_dir is not None:
+        training["output_dir"] = args.output_dir
+    report_outputs(run(cfg))
     return 0
+
+
+def main(argv: list[str]) -> int:
+    from loraforge_cli import parse
+
+    return run_args(parse("train", argv))

@@ -56,6 +56,10 @@ def _cora_fb(basis):
     return loraforge.CoRAConfig(r=4, lora_alpha=8, target_modules=TARGETS, basis_path=basis, freeze_b=True)
 
 
+def _delta_k0():
+    return loraforge.DeltaLoRAConfig(r=4, lora_alpha=8, target_modules=TARGETS, start_step=0, propagation="in_place")
+
+
 CASES = {
     "probe": _probe,
     "salora": _salora,
@@ -136,8 +140,7 @@ def run_case(name: str, out_dir: str, per_device_batch: int, tag: str) -> None:
 
 def run_sharded(out_dir: str, tag: str) -> None:
     """Shard the tiny model with FSDP2 (`fully_shard`) or FSDP1 (flat parameters) over gloo and record
-    what each method does: the controllers that read whole weights outside the forward must refuse
-    before any update, CoRA FB (no such controller) must train."""
+    what each method does: every method trains (tests/test_fsdp.py checks the results)."""
     import json
 
     import torch.distributed as dist
@@ -166,17 +169,20 @@ def run_sharded(out_dir: str, tag: str) -> None:
     for name, shard, early_driver in [("delta_in_place", fsdp2, False), ("delta_in_place", fsdp2, True),
                                       ("delta_folded", fsdp2, False), ("salora", fsdp2, False),
                                       ("cora_fb", fsdp2, False), ("delta_in_place", fsdp1, False),
-                                      ("cora_fb", fsdp1, False)]:
-        model = get_peft_model(testing.tiny_llama(seed=0), CASES[name](basis))
-        if early_driver:  # made before sharding: the first optimizer step must refuse
-            loraforge.driver(model).begin(4)
+                                      ("cora_fb", fsdp1, False), ("delta_k0", fsdp1, False)]:
+        # delta_k0: K = 0, so the snapshot is read from the FSDP1 shards when the driver is made, before
+        # any forward (before FSDP1's lazy initialisation).
+        config = _delta_k0() if name == "delta_k0" else CASES[name](basis)
+        model = get_peft_model(testing.tiny_llama(seed=0), config)
+        if early_driver:  # made before sharding: must still find the sharded parameters
+            loraforge.driver(model).begin(MAX_STEPS)
         wrapped = shard(model)
         opt = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-2)
         before = [whole(p.detach()).clone() for p in wrapped.parameters() if p.requires_grad]
         key = f"{shard.__name__}/{name}{'+driver_before_sharding' if early_driver else ''}"
         try:
             if not early_driver:
-                loraforge.driver(model).begin(4)
+                loraforge.driver(wrapped).begin(MAX_STEPS)
             for _ in range(2):
                 wrapped(input_ids=ids, labels=ids).loss.backward()
                 opt.step()

@@ -15,11 +15,10 @@ import pytest
 import sacrebleu
 
 from loraforge.cli import main
+from loraforge.data import yelp_dir
 from loraforge.eval import TASKS, build_prompt, bleu, make_report, load_results, perplexity, read_lines, read_references, write_arpa
 
-YELP = Path(__file__).resolve().parents[2] / "shared" / "data" / "yelp"
-needs_yelp = pytest.mark.skipif(not YELP.is_dir(), reason=f"shared Yelp slice not found at {YELP} "
-                                "(CI clones the repo with ../shared beside it)")
+YELP = yelp_dir()  # the slice shipped in plugin/data/yelp (CC BY-SA 4.0, README beside it)
 
 HYPS = ["the cat sat on the mat .", "a quick brown fox jumps over the dog ."]
 REFS_A = ["the cat sat on a mat .", "the quick brown fox jumped over the lazy dog ."]
@@ -146,7 +145,6 @@ def _score_after(model, context, word):
     return model.BaseScore(state, word, kenlm.State())
 
 
-@needs_yelp
 def test_yelp_lm_sums_to_one_and_prefers_fluent_text(tmp_path):
     arpa = tmp_path / "positive.arpa"
     start = time.perf_counter()

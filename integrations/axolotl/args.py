@@ -13,16 +13,23 @@ message that starts with the key to change (`salora.target_density: ...`, `lora_
 Decisions:
 - A method block without `adapter:` naming that method is refused rather than ignored: it is
   almost always a forgotten `adapter:` line, and silently training plain LoRA would waste the run.
-- Quantized bases (`load_in_4bit`/`load_in_8bit`/`gptq`) are refused: Delta-LoRA writes or folds
-  into `W` and merge/export need a full-precision weight; QLoRA-style training is not implemented.
+- Quantised bases: `adapter: salora | delta_lora | cora` with `load_in_4bit: true` (or
+  `load_in_8bit: true`), as a QLoRA user writes `adapter: qlora` + `load_in_4bit: true`. Axolotl
+  builds its bitsandbytes config only for `adapter: qlora` (4-bit) / `lora` (8-bit), so the plugin
+  passes the same config through Axolotl's `model_kwargs` (4-bit: Axolotl's QLoRA recipe, NF4,
+  double quantisation, bf16 quant storage, compute in the run's dtype; `bnb_config_kwargs`
+  overrides it as for qlora), and runs `prepare_model_for_kbit_training` itself before wrapping the
+  model, which Axolotl does only for lora/qlora. GPTQ bases are refused (bitsandbytes only).
 - Axolotl's fused LoRA kernels (`lora_*_kernel`) compute `B A x` themselves and would skip the
   gates and the folded Delta-LoRA term, so they are refused (Axolotl only auto-enables them for
   `adapter: lora|qlora`).
 - Axolotl's default `merge_method: memory_efficient` merges from the adapter file with stock LoRA
   arithmetic; with a loraforge adapter the plugin makes `legacy` the default (PEFT's
   `merge_and_unload`, through loraforge's layers) and refuses an explicit `memory_efficient`.
-- LoRA+ / embedding learning rates are refused for methods with param groups of their own
-  (SaLoRA's gates): loraforge's trainer builds that optimizer and would silently drop them.
+- LoRA+ / embedding learning rates / `lr_groups` are refused for methods with param groups of their
+  own (SaLoRA's gates): loraforge's trainer builds that optimizer and would silently drop them. It
+  does use the optimizer class Axolotl picks (`optimizer_cls_and_kwargs`: optimi, CAME, ADOPT, ...)
+  and refuses, when the trainer builds it, one that groups the parameters itself (Muon, Dion, GaLore).
 - With `lora_model_dir` the saved adapter's config governs (as Axolotl does for LoRA patterns);
   the block's keys are still checked, its values are not used.
 """
@@ -55,13 +62,10 @@ LORA_KEYS = {
 _AXOLOTL_KEY = {field: key for key, field in LORA_KEYS.items()}
 
 _KERNELS = "Axolotl's fused LoRA kernels compute B·A·x themselves and skip loraforge's layer (gates, folded deltas); set it to false"
-_QUANTIZED = ("loraforge adapters need a full-precision base (Delta-LoRA moves W; merge and export write W); "
-              "quantized (QLoRA-style) training is not implemented, remove it")
 #: Axolotl options that would bypass or break loraforge's layers, with the fix.
 REFUSED = {
-    "load_in_4bit": _QUANTIZED,
-    "load_in_8bit": _QUANTIZED,
-    "gptq": _QUANTIZED,
+    "gptq": ("loraforge adapters support bitsandbytes bases (load_in_4bit: true / load_in_8bit: true) and "
+             "full-precision ones, not GPTQ; remove it and load the full-precision model with load_in_4bit"),
     "lora_mlp_kernel": _KERNELS,
     "lora_qkv_kernel": _KERNELS,
     "lora_o_kernel": _KERNELS,
@@ -99,7 +103,30 @@ class LoraForgeArgs(BaseModel):
             check_config(data)
             if data.get("adapter") in METHODS and data.get("merge_method") is None:
                 data["merge_method"] = "legacy"  # merges through loraforge's layers (see REFUSED_VALUES)
+            if data.get("adapter") in METHODS and (data.get("load_in_4bit") or data.get("load_in_8bit")):
+                kwargs = dict(data.get("model_kwargs") or data.get("overrides_of_model_kwargs") or {})
+                kwargs["quantization_config"] = bnb_config(data)
+                data["model_kwargs"] = kwargs
+                data.pop("overrides_of_model_kwargs", None)
         return data
+
+
+def bnb_config(cfg) -> dict:
+    """The bitsandbytes config (a dict `from_pretrained` accepts) for `load_in_4bit` / `load_in_8bit`:
+    the one Axolotl builds for `adapter: qlora` / `adapter: lora` + `load_in_8bit`."""
+    if cfg.get("load_in_4bit") and cfg.get("load_in_8bit"):
+        raise ValueError("load_in_8bit: set one of load_in_4bit / load_in_8bit, not both")
+    given = cfg.get("model_kwargs") or cfg.get("overrides_of_model_kwargs") or {}
+    if "quantization_config" in given:
+        raise ValueError("model_kwargs.quantization_config: with load_in_4bit / load_in_8bit the loraforge plugin "
+                         "builds the bitsandbytes config (tune it with bnb_config_kwargs); remove one of them")
+    if cfg.get("load_in_8bit"):
+        return {"quant_method": "bitsandbytes", "load_in_8bit": True}
+    bf16, fp16 = cfg.get("bf16"), cfg.get("fp16")
+    dtype = "bfloat16" if bf16 in (True, "auto") else "float16" if fp16 else "float32"
+    return {"quant_method": "bitsandbytes", "load_in_4bit": True, "llm_int8_threshold": 6.0,
+            "llm_int8_has_fp16_weight": False, "bnb_4bit_compute_dtype": dtype, "bnb_4bit_use_double_quant": True,
+            "bnb_4bit_quant_type": "nf4", "bnb_4bit_quant_storage": "bfloat16", **(cfg.get("bnb_config_kwargs") or {})}
 
 
 def config_class(method: str):
@@ -208,8 +235,8 @@ def _check_optimizer(cfg, config) -> None:
 
     if not any(c.param_groups is not Controller.param_groups for c in config.controllers()):
         return
-    for key in ("loraplus_lr_ratio", "embedding_lr", "embedding_lr_scale"):
+    for key in ("loraplus_lr_ratio", "embedding_lr", "embedding_lr_scale", "lr_groups"):
         if cfg.get(key) is not None:
             raise ValueError(f"{key}: {type(config).__name__} builds the optimizer's param groups itself "
-                             "(its own group for the gates), which do not include Axolotl's LoRA+ / embedding "
-                             "learning-rate groups; remove it")
+                             "(its own group for the gates), which do not include Axolotl's LoRA+ / embedding / "
+                             "lr_groups learning-rate groups; remove it")

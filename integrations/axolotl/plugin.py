@@ -1,15 +1,21 @@
 """`LoraForgePlugin`: Axolotl trains `adapter: salora | delta_lora | cora`.
 
-Hooks used (Axolotl >= 0.19; the same names and signatures in 0.21):
+Hooks used (checked against Axolotl 0.21.0's `integrations/base.py`, `loaders/`, `core/builders/`;
+tests/test_axolotl_integration.py compares the signatures with the installed BasePlugin):
 - `get_input_args` / `get_adapter_capabilities`: the YAML keys (args.py) and the adapter names;
 - `load_adapter`: builds the method's config from the YAML and wraps the model with PEFT (or
-  restores a saved adapter from `lora_model_dir`);
+  restores a saved adapter from `lora_model_dir`). Not `get_lora_config_kwargs`: 0.21 calls it only
+  for `lora_like` adapters, for which it builds a stock `LoraConfig`;
 - `post_model_load`: Axolotl >= 0.21 re-draws every `lora_A` after loading when
   `init_lora_weights is True` (`ModelLoader._reinit_lora_from_seed`, for layout-independent
-  seeds). That would undo CoRA's `A = 0` start (and any init an axis makes), so the A that
-  `load_adapter` produced is put back here, the first hook after the re-draw;
+  seeds; 0.21 has no hook to opt out). That would undo CoRA's `A = 0` start (and any init an axis
+  makes), so the A that `load_adapter` produced is put back here, the first hook after the re-draw;
 - `get_trainer_cls` / `post_trainer_create`: the trainer carries `LoraForgeTrainerMixin`, which
   adds the methods' loss terms, param groups, schedule and log values (`salora/lambda`, ...).
+Not `create_optimizer`: 0.21 never calls the plugin hook (no caller of
+`PluginManager.create_optimizer`), so the mixin's `create_optimizer` builds the param groups with
+the optimizer class Axolotl picked. Not `create_lr_scheduler`: it would replace Axolotl's choice;
+SaLoRA's constant gate lr is held by loraforge's optimizer pre-step hook under any scheduler.
 Every hook returns at once unless `adapter` names a loraforge method, because Axolotl >= 0.21
 loads entry-point plugins into every run.
 """
@@ -40,6 +46,21 @@ def _forge_layers(model):
     return [m for m in model.modules() if isinstance(m, ForgeLinear)]
 
 
+def _prepare_quantized(model, cfg):
+    """A bitsandbytes base gets PEFT's k-bit preparation (frozen base, fp32 norms, input grads for
+    checkpointing), which Axolotl applies only for lora/qlora; a requested quantisation that did not
+    happen is refused rather than trained in full precision."""
+    for bits in ("4bit", "8bit"):
+        if cfg.get(f"load_in_{bits}") and not getattr(model, f"is_loaded_in_{bits}", False):
+            raise ValueError(f"load_in_{bits}: the base model was not loaded in {bits} (is bitsandbytes installed, and "
+                             "did the plugin's config validation run?); refusing to train it in full precision")
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(cfg.get("gradient_checkpointing")))
+    return model
+
+
 class LoraForgePlugin(BasePlugin):
     """Axolotl plugin for loraforge's SaLoRA, Delta-LoRA and CoRA adapters."""
 
@@ -67,6 +88,7 @@ class LoraForgePlugin(BasePlugin):
         import loraforge
         from loraforge.core.io import saved_method
 
+        model = _prepare_quantized(model, cfg)
         linear = find_all_linear_names(model) if cfg.get("lora_target_linear") else None
         if cfg.get("lora_model_dir"):
             path = cfg["lora_model_dir"]

@@ -41,16 +41,24 @@ class ForgeConfig(LoraConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        from .layer import ForgeLinear  # late: the layer module imports this one
         import torch.nn as nn
 
-        self._register_custom_module({nn.Linear: ForgeLinear, **{cls: _refuse_layer for cls in _unsupported_layers()}})
+        from .quantized import forge_linear, refuse_backend  # late: it imports this module
+
+        # nn.Linear (and bnb's 4-bit / 8-bit linears, its subclasses) -> loraforge's layers; any other
+        # targeted module (GPTQ, AWQ, HQQ, ... layers) is refused rather than left to PEFT's plain LoRA.
+        self._register_custom_module({nn.Linear: forge_linear, **{cls: _refuse_layer for cls in _unsupported_layers()},
+                                      nn.Module: refuse_backend})
         self.validate()
 
     def validate(self) -> None:
         """Refuse unusable values; subclasses extend it."""
         require(isinstance(self.r, int) and self.r >= 1, "r", f"must be an integer >= 1, got {self.r!r}")
         require(not self.use_dora, "use_dora", "DoRA is not composed with loraforge's layers; set use_dora=False")
+        require(not getattr(self, "target_parameters", None), "target_parameters",
+                f"{type(self).__name__} adapts nn.Linear modules only; PEFT's target_parameters wraps bare parameters "
+                "(e.g. MoE experts) in its plain LoRA ParamWrapper, which has no gate, propagation or basis: remove "
+                "target_parameters and list the Linear modules to adapt in target_modules")
 
     def axes(self) -> list[type]:
         """The per-layer pieces (classes from each method's `layer.py`) this config composes."""

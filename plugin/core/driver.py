@@ -22,7 +22,9 @@ from typing import Optional
 
 import torch
 
-from .layer import LIVE_LAYERS, ForgeLinear, module_order
+from . import sharding
+from .layer import ADAPTER_GENERATION, LIVE_LAYERS, ForgeLinear, module_order
+from .quantized import stored_shape
 
 
 class Controller:
@@ -33,8 +35,12 @@ class Controller:
     #: Whether it works when FSDP / DeepSpeed ZeRO-3 keep only a shard of each weight on a rank. None:
     #: inferred: a controller with work of its own (`__init__`, `begin`, `regularization_loss`,
     #: `on_step_end`) reads whole adapter or base weights outside the model's forward, where sharded
-    #: weights are shards (see `sharded_weight`).
+    #: weights are shards; it works only with the layouts core/sharding.py reads (`unsupported`).
     supports_sharded_weights: Optional[bool] = None
+
+    #: Why some of this controller's trainable parameters get no gradient in some steps (so DDP must be
+    #: told to look for unused parameters), or None.
+    leaves_parameters_unused: Optional[str] = None
 
     def __init__(self, driver: "Driver") -> None:
         self.driver = driver
@@ -50,12 +56,18 @@ class Controller:
     def begin(self, max_steps: Optional[int]) -> None:
         """Training starts (or resumes at `driver.step`) with `max_steps` optimizer steps in all."""
 
+    def plan(self, max_steps: Optional[int]) -> None:
+        """A run of `max_steps` optimizer steps starts, under any trainer (plain ones too): warn about it."""
+
     def regularization_loss(self) -> Optional[torch.Tensor]:
         return None
 
     def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
         """Param groups with settings of their own; their params leave the trainer's default groups."""
         return []
+
+    def before_step(self) -> None:
+        """Right before an optimizer step, the gradients complete (from the optimizer hook)."""
 
     def on_step_end(self, step: int, max_steps: Optional[int]) -> None:
         """After optimizer step number `step` (1-based) has been applied."""
@@ -80,13 +92,22 @@ class Driver:
         self.layers = sorted(layers, key=lambda layer: module_order(layer.forge_name))
         self.max_steps: Optional[int] = None
         self.managed = False  # a trainer (or the user) called `begin`
+        # The step counters live in every layer's `lora_forge_step` (saved with the adapter); reading one
+        # is a device sync, so the count is mirrored here and re-read only after a load (`forget_step`).
+        self._step: Optional[int] = None
         self.refuse_sharded()  # before the controllers: some read weights when they are created
         self.controllers = [cls(self) for cls in config.controllers()]
 
     # state -----------------------------------------------------------------------------------
     @property
     def step(self) -> int:
-        return self.layers[0].step_count(self.adapter) if self.layers else 0
+        if self._step is None:
+            self._step = self.layers[0].step_count(self.adapter) if self.layers else 0
+        return self._step
+
+    def forget_step(self) -> None:
+        """The persisted counters may have changed (a load): read them again at the next `step`."""
+        self._step = None
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for layer in self.layers for p in _adapter_parameters(layer, self.adapter)]
@@ -96,9 +117,19 @@ class Driver:
         self.refuse_sharded()  # the model may have been sharded since the driver was made
         self.max_steps = max_steps
         self.managed = True
+        self.plan(max_steps)
         for c in self.controllers:
             c.begin(max_steps)
         return self
+
+    def plan(self, max_steps: Optional[int]) -> None:
+        """The controllers' warnings about a run of `max_steps`, once per run length (a loraforge trainer
+        reaches it twice: from the callback every Trainer gets and from `begin`)."""
+        if getattr(self, "_planned", None) == max_steps:
+            return
+        self._planned = max_steps
+        for c in self.controllers:
+            c.plan(max_steps)
 
     def regularization_loss(self) -> Optional[torch.Tensor]:
         terms = [t for t in (c.regularization_loss() for c in self.controllers) if t is not None]
@@ -107,10 +138,16 @@ class Driver:
     def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
         return [g for c in self.controllers for g in c.param_groups(lr, weight_decay)]
 
+    def before_step(self) -> None:
+        for c in self.controllers:
+            c.before_step()
+
     def on_step_end(self) -> None:
-        for layer in self.layers:
-            layer.lora_forge_step[self.adapter].add_(1)
-        step = self.step
+        sharding.stepped()  # what earlier forwards captured is stale now
+        step = self.step + 1
+        # One multi-tensor op for all the counters (one kernel on a GPU), no read back.
+        torch._foreach_add_([layer.lora_forge_step[self.adapter] for layer in self.layers], 1)
+        self._step = step
         for c in self.controllers:
             c.on_step_end(step, self.max_steps)
 
@@ -131,19 +168,15 @@ class Driver:
         return out
 
     def refuse_sharded(self) -> None:
-        """Refuse, before any update, controllers that need whole weights when the weights are sharded."""
+        """Refuse, before any update, sharding that loraforge cannot read whole weights from (core/sharding.py)."""
         needing = [cls for cls in self.config.controllers() if _reads_whole_weights(cls)]
-        where = sharded_weight(self.layers, self.adapter) if needing else None
+        where = sharding.unsupported(self.layers, self.adapter) if needing else None
         if where is None:
             return
         raise RuntimeError(
-            f"{type(self.config).__name__} cannot train with sharded weights: {where}. Its "
+            f"{type(self.config).__name__} cannot train with these sharded weights: {where}. Its "
             f"{', '.join(cls.__name__ for cls in needing)} reads whole adapter or base weights outside the model's "
-            "forward (e.g. Delta-LoRA's snapshot and its update of W, SaLoRA's regulariser and λ), and FSDP "
-            "(FULL_SHARD / SHARD_GRAD_OP / HYBRID_SHARD, fully_shard) and DeepSpeed ZeRO-3 keep only a shard of each "
-            "weight on a rank there. Train with DDP (accelerate launch --multi_gpu), FSDP with "
-            "sharding_strategy=NO_SHARD, or DeepSpeed ZeRO stage 1 or 2, which keep whole weights on every rank. "
-            "No parameter has been updated."
+            "forward. No parameter has been updated."
         )
 
     def refuse_unmanaged(self) -> None:
@@ -167,7 +200,7 @@ def _adapter_parameters(layer: ForgeLinear, adapter: str) -> list[torch.nn.Param
         holder = getattr(layer, name, None)
         if holder is not None and adapter in holder:
             item = holder[adapter]
-            params.extend([item] if isinstance(item, torch.nn.Parameter) else item.parameters())
+            params.extend([item] if isinstance(item, torch.Tensor) else item.parameters())
     return params
 
 
@@ -178,30 +211,7 @@ def _reads_whole_weights(cls: type) -> bool:
     return any(getattr(cls, h) is not getattr(Controller, h) for h in hooks)
 
 
-def sharded_weight(layers: list[ForgeLinear], adapter: str) -> Optional[str]:
-    """Where a rank holds only part of an adapted layer's weight (None: every weight is whole).
-
-    FSDP2 (`fully_shard`) makes parameters DTensors; DeepSpeed ZeRO-3 marks partitioned ones with
-    `ds_id`; FSDP1 replaces them, outside its forward, by 1-D views of a flat shard, so a weight
-    whose shape is not its layer's shape is a shard."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
-        DTensor = ()
-    for layer in layers:
-        d_out, d_in, r = layer.out_features, layer.in_features, layer.r[adapter]
-        base = (d_in, d_out) if layer.fan_in_fan_out else (d_out, d_in)
-        for name, t, shape in (("base_layer.weight", layer.get_base_layer().weight, base),
-                               (f"lora_A.{adapter}.weight", layer.lora_A[adapter].weight, (r, d_in)),
-                               (f"lora_B.{adapter}.weight", layer.lora_B[adapter].weight, (d_out, r))):
-            what = f"{layer.forge_name}.{name}"
-            if isinstance(t, DTensor):
-                return f"{what} is a DTensor with placements {tuple(t.placements)} (FSDP2 / tensor parallel)"
-            if hasattr(t, "ds_id"):
-                return f"{what} is partitioned by DeepSpeed ZeRO-3"
-            if tuple(t.shape) != shape:
-                return f"{what} has shape {tuple(t.shape)}, not {shape} (an FSDP flat-parameter shard)"
-    return None
+sharded_weight = sharding.sharded_weight  # where a rank holds a shard (kept importable from here)
 
 
 def _driver_for(config, adapter: str, layers: list[ForgeLinear]) -> Driver:
@@ -224,14 +234,27 @@ def _group(layers) -> dict[tuple[int, str], tuple]:
     return groups
 
 
+_DRIVERS_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
 def drivers(model: torch.nn.Module) -> list[Driver]:
-    """The drivers of the trainable (active) loraforge adapters in `model`."""
+    """The drivers of the trainable (active) loraforge adapters in `model`.
+
+    Trainers ask on every micro-batch; the walk over `model.modules()` is cached until an adapter is
+    added, deleted, activated or unloaded anywhere (`core.layer.adapters_changed`) or a loraforge layer
+    is created or collected."""
+    key = (ADAPTER_GENERATION[0], len(LIVE_LAYERS))
+    cached = _DRIVERS_CACHE.get(model)
+    if cached is not None and cached[0] == key:
+        return list(cached[1])
+    sharding.register(model)  # FSDP1 units, when `model` is the wrapped model
     layers = [m for m in model.modules() if isinstance(m, ForgeLinear)]
     out = []
     for config, adapter, group in _group(layers).values():
         if adapter in group[0].active_adapters:
             out.append(_driver_for(config, adapter, group))
-    return out
+    _DRIVERS_CACHE[model] = (key, out)
+    return list(out)
 
 
 def driver(model: torch.nn.Module) -> Driver:
@@ -243,33 +266,74 @@ def driver(model: torch.nn.Module) -> Driver:
 
 
 # optimizer hooks -------------------------------------------------------------------------------
+#: Param-group key: the group's learning rate, held through any LR schedule (`pin_constant_lr`).
+CONSTANT_LR = "loraforge_constant_lr"
 _OPT_CACHE: "weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple]" = weakref.WeakKeyDictionary()
 
 
 def _drivers_of_optimizer(optimizer: torch.optim.Optimizer) -> list[Driver]:
     n_params = sum(len(g["params"]) for g in optimizer.param_groups)
     cached = _OPT_CACHE.get(optimizer)
-    if cached is not None and cached[0] == n_params and cached[1] == len(LIVE_LAYERS):
-        return cached[2]
+    key = (n_params, len(LIVE_LAYERS), ADAPTER_GENERATION[0])
+    if cached is not None and cached[0] == key:
+        return cached[1]
     ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
     found = []
     for config, adapter, group in _group(list(LIVE_LAYERS)).values():
         # Drivers only for adapters this optimizer trains: any other live model is none of its business.
         if any(id(p) in ids for layer in group for p in _adapter_parameters(layer, adapter)):
             found.append(_driver_for(config, adapter, group))
-    _OPT_CACHE[optimizer] = (n_params, len(LIVE_LAYERS), found)
+    _OPT_CACHE[optimizer] = (key, found)
     return found
 
 
+def _state_init_step(optimizer: torch.optim.Optimizer) -> bool:
+    """torch.distributed.checkpoint creates a fresh optimizer's state by a step with lr 0 and zero
+    gradients (`_init_optim_state`; accelerate's FSDP2 optimizer loading runs it on resume). It is
+    no training step: counting it would put the adapter one step ahead of the trainer."""
+    if any(float(g.get("lr", 0.0)) != 0.0 for g in optimizer.param_groups):
+        return False
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    return all(not (t.to_local() if hasattr(t, "to_local") else t).any() for t in grads)
+
+
+def pin_constant_lr(optimizer: torch.optim.Optimizer) -> None:
+    """Param groups that carry `loraforge_constant_lr: <lr>` (SaLoRA's gates) step at that lr.
+
+    Runs before every optimizer step, so it holds whatever scheduler wrote `group["lr"]` after the
+    last one: LambdaLR scales each group's initial lr, but RexLR and OneCycleLR (Axolotl's `rex`,
+    `one_cycle`) write one value into every group, JaggedLR wraps another scheduler,
+    ReduceLROnPlateau chains, and a plugin's or a hand loop's scheduler is unknown here. Only the
+    lr is held: `one_cycle` still cycles the gate group's betas, as for every other group.
+    """
+    for group in optimizer.param_groups:
+        lr = group.get(CONSTANT_LR)
+        if lr is True:  # optimizer state saved before the marker carried its value
+            lr = group.get("initial_lr")
+        if lr is None or lr is False:
+            continue
+        if isinstance(group["lr"], torch.Tensor):  # capturable / fused optimizers keep lr as a tensor
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+
+
 def _pre_step(optimizer, args, kwargs) -> None:
+    optimizer._loraforge_skip = _state_init_step(optimizer)
+    if optimizer._loraforge_skip:
+        return
+    pin_constant_lr(optimizer)
     for d in _drivers_of_optimizer(optimizer):
         if d.step == 0:  # the first update; later, `begin` (trainers, resumes) and new drivers check
             d.refuse_sharded()
         d.refuse_unmanaged()
+        d.before_step()
 
 
 @torch.no_grad()
 def _post_step(optimizer, args, kwargs) -> None:
+    if getattr(optimizer, "_loraforge_skip", False):
+        return
     for d in _drivers_of_optimizer(optimizer):
         d.on_step_end()
 

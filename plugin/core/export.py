@@ -6,7 +6,6 @@ into `B'` and `lora_alpha = r'` per module (scaling exactly 1), so per-module ra
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
@@ -36,6 +35,9 @@ def export_lora(model, out_dir: str, adapter: str = "default", dtype: torch.dtyp
     layers = [m for m in model.modules() if isinstance(m, ForgeLinear) and adapter in m.lora_A]
     if not layers:
         raise ValueError(f"no loraforge layer holds adapter {adapter!r}: nothing to export")
+    if adapter not in layers[0].forge_config:
+        raise ValueError(f"adapter {adapter!r} is a plain PEFT LoRA adapter (e.g. made by add_weighted_adapter): save it with "
+                         f"model.save_pretrained(dir, selected_adapters=[{adapter!r}]), which stock PEFT loads")
     config = layers[0].forge_config[adapter]
     if config.lora_bias:
         raise ValueError("lora_bias=True adapters cannot be exported as stock LoRA by loraforge yet")
@@ -84,17 +86,41 @@ def export_lora(model, out_dir: str, adapter: str = "default", dtype: torch.dtyp
     return ranks
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="loraforge export", description=__doc__.splitlines()[0])
-    parser.add_argument("adapter", help="folder of a saved loraforge adapter")
-    parser.add_argument("--base", required=True, help="base model folder the adapter was trained on")
-    parser.add_argument("--out", required=True, help="folder for the stock PEFT LoRA adapter")
-    args = parser.parse_args(argv)
+def base_of(adapter_dir: str) -> str | None:
+    """The base model an adapter was trained on, from its adapter_config.json (None if not recorded)."""
+    from loraforge_cli import UsageError
+
+    path = os.path.join(adapter_dir, "adapter_config.json")
+    if not os.path.isfile(path):
+        raise UsageError(f"no adapter_config.json in {adapter_dir!r}; pass the folder of a saved adapter")
+    with open(path) as f:
+        return json.load(f).get("base_model_name_or_path") or None
+
+
+def export_args(args) -> int:
+    """`loraforge export` with parsed arguments (see loraforge_cli)."""
+    from loraforge_cli import UsageError
     from transformers import AutoModelForCausalLM
 
     from .io import load_adapter
 
-    model = load_adapter(AutoModelForCausalLM.from_pretrained(args.base), args.adapter)
+    recorded = base_of(args.adapter)
+    base = args.base or recorded
+    if base is None:
+        raise UsageError(f"{args.adapter}/adapter_config.json records no base_model_name_or_path; "
+                         "pass the base model folder with --base")
+    if not os.path.isdir(base):
+        source = "--base" if args.base else f"base_model_name_or_path in {args.adapter}/adapter_config.json"
+        raise UsageError(f"no base model folder {base!r} ({source}); pass the folder the adapter was trained on "
+                         "with --base")
+    model = load_adapter(AutoModelForCausalLM.from_pretrained(base), args.adapter)
     ranks = export_lora(model, args.out)
-    print(f"wrote a stock PEFT LoRA adapter ({len(ranks)} modules, ranks {min(ranks.values())}-{max(ranks.values())}) to {args.out}")
+    print(f"wrote a stock PEFT LoRA adapter ({len(ranks)} modules, ranks {min(ranks.values())}-{max(ranks.values())}) "
+          f"from base {base} to {args.out}")
     return 0
+
+
+def main(argv: list[str]) -> int:
+    from loraforge_cli import parse
+
+    return export_args(parse("export", argv))

@@ -22,6 +22,8 @@ from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.tuners_utils import BufferDict
 from peft.utils.other import transpose
 
+from . import sharding
+
 
 def module_order(name: str) -> list:
     """Sort key that puts `layers.2` before `layers.10` (tables follow the model's depth)."""
@@ -30,6 +32,15 @@ def module_order(name: str) -> list:
 
 # Every live ForgeLinear, so that an optimizer hook can find the layers whose parameters it steps.
 LIVE_LAYERS: "weakref.WeakSet[ForgeLinear]" = weakref.WeakSet()
+
+# Bumped whenever the set of adapters, their configs or the active ones may change (a new adapter or
+# injection, set_adapter, delete_adapter, unload): `core.driver.drivers` caches its walk over
+# `model.modules()` under this number, so a trainer does not walk the model on every micro-batch.
+ADAPTER_GENERATION = [0]
+
+
+def adapters_changed() -> None:
+    ADAPTER_GENERATION[0] += 1
 
 
 class Axis:
@@ -71,17 +82,32 @@ class Axis:
     def refresh(self) -> None:
         """Re-read persisted state (after a load) into whatever the forward caches."""
 
+    def remove(self) -> None:
+        """The adapter is being deleted: undo whatever this axis wrote outside its own state (e.g. into W)."""
+
+    def weighting_refusal(self) -> Optional[str]:
+        """Why `add_weighted_adapter` cannot weight this adapter's update ("field: reason"), or None."""
+        return None
+
 
 class ForgeLinear(LoraLinear):
     adapter_layer_names = LoraLinear.adapter_layer_names + ("lora_gate_logits",)
     other_param_names = LoraLinear.other_param_names + ("lora_forge_step",)
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config, **kwargs) -> None:
+        adapters_changed()
+        from .config import ForgeConfig  # late: config.py imports this module
+
+        if not isinstance(config, ForgeConfig):
+            # A stock LoraConfig adapter on a layer loraforge already wraps (e.g. the result of
+            # add_weighted_adapter, see core/weighted.py): plain LoRA, no axes, no driver, no extra state.
+            return super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
         if not hasattr(self, "forge_axes"):
             self.forge_axes: dict[str, list[Axis]] = {}
             self.forge_config: dict[str, Any] = {}
             self.forge_drivers: dict[str, Any] = {}  # adapter -> core.driver.Driver, shared by its layers
             self.forge_name: str = kwargs.get("target_name") or ""
+            self.forge_captured: dict = {}  # sharded engines: what this forward used (core/sharding.py)
             self.lora_forge_step = BufferDict({}, persistent=True)
             self.lora_gate_logits = torch.nn.ParameterDict({})
             self.register_load_state_dict_post_hook(lambda module, keys: module.refresh_axes())
@@ -98,7 +124,15 @@ class ForgeLinear(LoraLinear):
             axis.init_factors()
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
+    def __setstate__(self, state) -> None:
+        # copy.deepcopy and pickle rebuild the layer without __init__ / update_layer: register the copy too,
+        # or the optimizer hook would never see it and a copied model would train as plain LoRA.
+        super().__setstate__(state)
+        if "forge_axes" in self.__dict__:
+            LIVE_LAYERS.add(self)
+
     def set_adapter(self, adapter_names, inference_mode: bool = False) -> None:
+        adapters_changed()
         super().set_adapter(adapter_names, inference_mode=inference_mode)
         # PEFT marks every adapter tensor of the active adapter trainable; axes may freeze some (CoRA's B).
         active = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
@@ -107,7 +141,71 @@ class ForgeLinear(LoraLinear):
                 for name, trains in axis.trainable_names().items():
                     getattr(self, name)[adapter].requires_grad_(trains and not inference_mode)
 
+    def delete_adapter(self, adapter_name: str) -> None:
+        """PEFT's delete, plus every piece of loraforge state of that adapter: the axes' `lora_*`
+        holders that PEFT does not list (gate buffers, Delta-LoRA snapshots, ...), the axes, config and
+        driver, and what an axis wrote into `W` (in-place Delta-LoRA rewinds to the original weight)."""
+        adapters_changed()
+        for axis in getattr(self, "forge_axes", {}).get(adapter_name, []):
+            axis.remove()
+        super().delete_adapter(adapter_name)
+        for name, holder in self.named_children():
+            if name.startswith("lora_") and isinstance(holder, (BufferDict, torch.nn.ParameterDict, torch.nn.ModuleDict)) \
+                    and adapter_name in holder:
+                del holder[adapter_name]
+        for name in ("forge_axes", "forge_config", "forge_drivers"):
+            getattr(self, name, {}).pop(adapter_name, None)
+
+    # Control state (everything `lora_*` that is not a LoRA factor: gate logits and buffers, λ, window,
+    # step, Delta-LoRA snapshot / coefficients / fingerprint) keeps its dtype through `model.to(dtype)`,
+    # `.half()`, `.bfloat16()` and PEFT's move to the base layer's dtype; only A and B follow the
+    # model's dtype and PEFT's `autocast_adapter_dtype`. Why: bf16 keeps 8 bits of mantissa, so gate_lr
+    # steps on a logit and λ's increments η_c·(C-b)² (~1e-4) would round away, and the snapshot of
+    # Delta-LoRA is documented as at least fp32. It is a few numbers per rank, so it costs nothing.
+    def _control_holders(self) -> dict[str, torch.nn.Module]:
+        stock = set(LoraLinear.adapter_layer_names + LoraLinear.other_param_names)
+        return {name: holder for name, holder in self.named_children()
+                if name.startswith("lora_") and name not in stock and isinstance(holder, (BufferDict, torch.nn.ParameterDict))}
+
+    def _apply(self, fn, recurse: bool = True):
+        holders, order = self._control_holders(), list(self._modules.items())
+        for name in holders:
+            del self._modules[name]
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._modules.clear()
+            self._modules.update(order)  # the same module objects, in their original order
+        for holder in holders.values():
+            _apply_keeping_dtype(holder, fn)
+        return self
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device=None) -> None:
+        # PEFT moves AND casts every holder it lists to the base layer's dtype; hide the control
+        # holders from it and move them to the device only.
+        control = [n for n in self._control_holders() if n in self.adapter_layer_names + self.other_param_names]
+        self.adapter_layer_names = tuple(n for n in type(self).adapter_layer_names if n not in control)
+        self.other_param_names = tuple(n for n in type(self).other_param_names if n not in control)
+        try:
+            super()._move_adapter_to_device_of_base_layer(adapter_name, device)
+        finally:
+            del self.adapter_layer_names, self.other_param_names
+        target = device if device is not None else self.get_base_layer().weight.device
+        for name in control:
+            holder = getattr(self, name)
+            if adapter_name in holder and not holder[adapter_name].is_meta:
+                _apply_keeping_dtype(holder, lambda t: t.to(target), only=adapter_name)
+
+    def unload_and_optionally_merge_module(self, merge: bool, safe_merge: bool, adapter_names) -> torch.nn.Module:
+        """PEFT's `unload` / `merge_and_unload` replace this layer by the base layer returned here."""
+        adapters_changed()
+        if merge:
+            self.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+        return self.get_base_layer()
+
     def refresh_axes(self) -> None:
+        for driver in self.forge_drivers.values():
+            driver.forget_step()  # a load may have restored another step count
         for axes in self.forge_axes.values():
             for axis in axes:
                 axis.refresh()
@@ -124,9 +222,10 @@ class ForgeLinear(LoraLinear):
         return gate
 
     def factors(self, adapter: str, gate: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B·diag(g), A) of one adapter, gate folded into B (g: the eval-mode gate if not given)."""
-        b = self.lora_B[adapter].weight
-        a = self.lora_A[adapter].weight
+        """(B·diag(g), A) of one adapter, gate folded into B (g: the eval-mode gate if not given); whole
+        when the weights are sharded (a collective then, see core/sharding.py)."""
+        b = sharding.whole(self, "lora_B", adapter)
+        a = sharding.whole(self, "lora_A", adapter)
         if gate is None:
             with _eval_mode(self):
                 gate = self.gate_values(adapter)
@@ -147,6 +246,7 @@ class ForgeLinear(LoraLinear):
             if kwargs.get("adapter_names") is not None:
                 raise NotImplementedError("loraforge layers do not support mixed-adapter batches (adapter_names=...)")
             return super().forward(x, *args, **kwargs)
+        sharding.capture(self)
         result = self.base_layer(x, *args, **kwargs)
         result_dtype = result.dtype
         for adapter in self.active_adapters:
@@ -162,8 +262,9 @@ class ForgeLinear(LoraLinear):
             hidden = lora_a(self.lora_dropout[adapter](xa))
             gate = self.gate_values(adapter)
             if gate is not None:
-                hidden = hidden * gate.to(hidden.dtype)
-            result = result + lora_b(hidden) * self.scaling[adapter]
+                hidden = hidden * (gate if gate.dtype == hidden.dtype else gate.to(hidden.dtype))
+            # A and B may differ in dtype: TRL casts only trainable adapter tensors to bf16 on k-bit bases (CoRA's frozen B stays fp32).
+            result = result + lora_b(hidden if hidden.dtype == lora_b.weight.dtype else hidden.to(lora_b.weight.dtype)) * self.scaling[adapter]
             for axis in self.forge_axes.get(adapter, []):
                 extra = axis.extra_output(xa)
                 if extra is not None:
@@ -172,6 +273,24 @@ class ForgeLinear(LoraLinear):
 
     def __repr__(self) -> str:
         return "loraforge." + super().__repr__()
+
+
+def _apply_keeping_dtype(holder: torch.nn.Module, fn, only: Optional[str] = None) -> None:
+    """Apply a `Module._apply` function to the tensors of `holder`, taking its device but not its dtype."""
+    def convert(t: torch.Tensor) -> torch.Tensor:
+        new = fn(t)
+        if new.dtype == t.dtype:
+            return new
+        return torch.empty_like(t, device=new.device) if t.is_meta else t.to(new.device)
+
+    for key in list(holder._buffers) if isinstance(holder, BufferDict) else []:
+        if only is None or key == only:
+            holder._buffers[key] = convert(holder._buffers[key])
+    for key, param in list(holder._parameters.items()):
+        if param is not None and (only is None or key == only):
+            param.data = convert(param.data)
+            if param.grad is not None:
+                param.grad = convert(param.grad)
 
 
 class _eval_mode:

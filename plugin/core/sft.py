@@ -7,4 +7,20 @@ from .trainer import LoraForgeTrainerMixin
 
 
 class LoraForgeSFTTrainer(LoraForgeTrainerMixin, SFTTrainer):
-    """`trl.SFTTrainer` that drives loraforge adapters (same arguments)."""
+    """`trl.SFTTrainer` that drives loraforge adapters (same arguments).
+
+    On a k-bit base TRL casts every trainable tensor to bf16 (the QLoRA recipe for A and B); SaLoRA's
+    gate logits are put back to fp32: a step of the gate learning rate (0.01) is below bf16's spacing
+    at |log_alpha| >= 2, so in bf16 the gates would stall or move by rounding."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        import torch
+
+        from .layer import ForgeLinear
+
+        for layer in self.model.modules():
+            if isinstance(layer, ForgeLinear):
+                for p in layer.lora_gate_logits.values():
+                    if p.dtype in (torch.bfloat16, torch.float16):
+                        p.data = p.data.float()

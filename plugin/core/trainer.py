@@ -5,14 +5,19 @@ itself and ignores the model's `outputs.loss`, so a term added inside the forwar
 builds the optimizer with the methods' own param groups, tells the methods the total number of
 steps when training begins, and merges their values into the trainer's logs. The work after each
 optimizer step runs from the optimizer hook that every loraforge adapter shares (driver.py), so it
-happens exactly once per optimizer step whatever the gradient accumulation.
+happens exactly once per optimizer step whatever the gradient accumulation. The same hook's pre-step
+part holds the learning rate of groups marked `loraforge_constant_lr` (SaLoRA's gates) under any
+scheduler (driver.py: `pin_constant_lr`), so `create_scheduler` is the trainer's own; the callback
+also pins right after each scheduler step, so the group shows its true lr between steps too.
 """
 from __future__ import annotations
 
 import torch
 from transformers import Trainer, TrainerCallback
 
-from .driver import Driver, drivers
+from . import sharding
+from .config import ForgeConfigError, require
+from .driver import Driver, drivers, pin_constant_lr
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -25,7 +30,10 @@ class _ForgeCallback(TrainerCallback):
     def __init__(self, trainer: "LoraForgeTrainerMixin") -> None:
         self.trainer = trainer
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        refuse_ddp_without_unused_parameters(self.trainer.model_wrapped, self.trainer.forge_drivers())
+        if optimizer is not None:  # the scheduler's first value (0 in a warmup) must not reach the gates
+            pin_constant_lr(optimizer)
         for d in self.trainer.forge_drivers():
             if d.step != state.global_step:
                 raise RuntimeError(
@@ -35,7 +43,9 @@ class _ForgeCallback(TrainerCallback):
             d.begin(state.max_steps)
 
     @torch.no_grad()
-    def on_step_end(self, args, state, control, **kwargs):
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        if optimizer is not None:  # after the scheduler's step: the group shows the lr it will step at
+            pin_constant_lr(optimizer)
         # DeepSpeed ZeRO-1/2 steps a torch optimizer over flat fp32 master partitions, not over the
         # adapter's parameters, so the optimizer hook never sees this adapter: drive its post-step
         # work here, once per optimizer step (a driver the hook already advanced is at global_step).
@@ -48,6 +58,38 @@ class _ForgeCallback(TrainerCallback):
             d.on_train_end(args.output_dir)
 
 
+def refuse_ddp_without_unused_parameters(wrapped: torch.nn.Module, forge_drivers: list[Driver]) -> None:
+    """DDP with find_unused_parameters=False fails on the second step when a trainable parameter got no
+    gradient (DDP's own error, after one update); refuse before the first one instead."""
+    if not isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) or wrapped.find_unused_parameters:
+        return
+    for d in forge_drivers:
+        reasons = [c.leaves_parameters_unused for c in d.controllers if c.leaves_parameters_unused]
+        require(not reasons, "ddp_find_unused_parameters",
+                f"{type(d.config).__name__} under DDP needs find_unused_parameters=True ({'; '.join(reasons)}), but "
+                "the model was wrapped with False (transformers' default when gradient checkpointing is on): set "
+                "TrainingArguments(ddp_find_unused_parameters=True) (Axolotl: ddp_find_unused_parameters: true). "
+                "No parameter has been updated.")
+
+
+class _PlanCallback(TrainerCallback):
+    """In every Trainer's default callbacks (a plain `Trainer` or `SFTTrainer` too): tells the
+    adapters' controllers the run length, so that their warnings (e.g. Delta-LoRA's start_step past
+    the last step) reach users of any trainer. It never takes charge of training (see `Driver.plan`)."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            for d in drivers(_unwrap(model)):
+                d.plan(state.max_steps)
+
+
+def install_default_callback() -> None:
+    import transformers.trainer
+
+    if _PlanCallback not in transformers.trainer.DEFAULT_CALLBACKS:
+        transformers.trainer.DEFAULT_CALLBACKS.append(_PlanCallback)
+
+
 class LoraForgeTrainerMixin:
     """Put before a `transformers.Trainer` subclass: `class T(LoraForgeTrainerMixin, SomeTrainer)`."""
 
@@ -56,6 +98,7 @@ class LoraForgeTrainerMixin:
         self.add_callback(_ForgeCallback(self))
 
     def forge_drivers(self) -> list[Driver]:
+        sharding.register(self.model)  # the wrapped model: FSDP1 units lie outside the unwrapped one
         return drivers(_unwrap(self.model))
 
     def create_optimizer(self, model=None):
@@ -73,20 +116,11 @@ class LoraForgeTrainerMixin:
             {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
             *special,
         ]
-        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        given = getattr(self, "optimizer_cls_and_kwargs", None)  # Trainer(optimizer_cls_and_kwargs=...), Axolotl's custom optimizers
+        optimizer_cls, optimizer_kwargs = given if given is not None else self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        _refuse_own_grouping(optimizer_cls, optimizer_kwargs, special)
         self.optimizer = optimizer_cls([g for g in groups if g["params"]], **optimizer_kwargs)
         return self.optimizer
-
-    def create_scheduler(self, num_training_steps: int, optimizer=None):
-        """The trainer's schedule, except for param groups marked `loraforge_constant_lr` (SaLoRA's gates)."""
-        scheduler = super().create_scheduler(num_training_steps, optimizer)
-        if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
-            for i, group in enumerate(scheduler.optimizer.param_groups):
-                if group.get("loraforge_constant_lr"):
-                    scheduler.lr_lambdas[i] = _constant
-                    group["lr"] = group["initial_lr"]
-                    scheduler._last_lr[i] = group["lr"]
-        return scheduler
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
@@ -120,8 +154,17 @@ class LoraForgeTrainerMixin:
         super().log(logs, *args, **kwargs)
 
 
-def _constant(step: int) -> float:
-    return 1.0
+def _refuse_own_grouping(optimizer_cls, optimizer_kwargs: dict, special: list[dict]) -> None:
+    """Factories (Muon, Dion, ...) and GaLore / LOMO / layer-wise optimizers group the parameters
+    themselves and would leave the methods' groups (SaLoRA's gate lr) out: refuse, not drop them."""
+    factory = not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.Optimizer))
+    own = [k for k in ("params", "model", "optimizer_dict") if k in optimizer_kwargs]
+    if factory or own:
+        names = ", ".join(g.get("name", "?") for g in special)
+        raise ForgeConfigError(
+            f"optim: {getattr(optimizer_cls, '__name__', optimizer_cls)} builds its own parameter groups "
+            f"({'an optimizer factory' if factory else 'from ' + own[0]}) and would leave out the adapter's "
+            f"param groups ({names}); use a torch optimizer class such as adamw_torch")
 
 
 class LoraForgeTrainer(LoraForgeTrainerMixin, Trainer):

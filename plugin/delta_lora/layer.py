@@ -31,7 +31,10 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BufferDict
 from peft.utils.other import transpose
 
+from ..core import sharding
+from ..core.config import ForgeConfigError
 from ..core.layer import Axis
+from ..core.quantized import dense_weight, is_quantized, quantization_name
 
 _HALF = (torch.float16, torch.bfloat16)
 _PRINT_SEED = 20230901  # any fixed seed: the probe must be the same at save and at load
@@ -55,6 +58,11 @@ class DeltaPropagation(Axis):
         self.ratio = float(config.update_ratio)
         self.start_step = int(config.start_step)
         self.in_place = config.propagation == "in_place"
+        if self.in_place and is_quantized(layer.get_base_layer()):
+            raise ForgeConfigError(
+                f"propagation: 'in_place' writes W after every optimizer step, but {layer.forge_name or 'this layer'} "
+                f"has a {quantization_name(layer.get_base_layer())} W, which cannot hold a small update (requantising "
+                "each step rounds it away); use propagation='folded', which never writes W and trains the same model")
         self.taken = False
         # In place: W = W_0 + λ·s·(B_a A_a - B_Ka A_Ka) with (B_a, A_a) = `applied` (copies: the optimizer
         # changes B, A in place) and (B_Ka, A_Ka) = the snapshot buffers, or `applied_snapshot` once a
@@ -83,7 +91,8 @@ class DeltaPropagation(Axis):
     # state ----------------------------------------------------------------------------------
     @property
     def weight(self) -> torch.Tensor:
-        return self.layer.get_base_layer().weight
+        """W as dense numbers (a dequantised copy on a bnb base: read only at init, merge and load)."""
+        return dense_weight(self.layer.get_base_layer())
 
     @property
     def scaling(self) -> float:
@@ -102,12 +111,11 @@ class DeltaPropagation(Axis):
             self._gated = any(type(ax).rank_gate is not Axis.rank_gate for ax in self.layer.forge_axes[self.adapter])
         if self._gated:
             return self.layer.factors(self.adapter)
-        return self.layer.lora_B[self.adapter].weight, self.layer.lora_A[self.adapter].weight
+        return sharding.whole(self.layer, "lora_B", self.adapter), sharding.whole(self.layer, "lora_A", self.adapter)
 
     def _print_of(self, w: torch.Tensor) -> torch.Tensor:
         dtype = _state_dtype(w.dtype)
-        w = transpose(w, self.layer.fan_in_fan_out)
-        return w.detach().to(dtype) @ _probe(w.shape[1], dtype, w.device)
+        return sharding.matvec(w, _probe(self.layer.in_features, dtype, w.device), transposed=self.layer.fan_in_fan_out)
 
     def _terms(self, b, a, bk, ak, sign: float = 1.0) -> list[tuple[float, torch.Tensor, torch.Tensor]]:
         return [(sign, b, a), (-sign, bk, ak)]
@@ -120,7 +128,7 @@ class DeltaPropagation(Axis):
         return (bs @ as_) * self.coef
 
     def _projected(self, terms, v: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(self.weight.shape[0], dtype=v.dtype, device=v.device)
+        out = torch.zeros(self.layer.out_features, dtype=v.dtype, device=v.device)
         for sign, b, a in terms:
             out += sign * (b.detach().to(v.dtype) @ (a.detach().to(v.dtype) @ v))
         return out * self.coef
@@ -150,7 +158,7 @@ class DeltaPropagation(Axis):
         if self.applied is None or self.applied_snapshot is not None:
             return self._write_difference(self.target())  # after an interrupted load: the general path
         b, a = self.factors()
-        self._add_to_weight(self._dense([(1.0, b, a), (-1.0, *self.applied)]))
+        self._add_to_weight([(1.0, b, a), (-1.0, *self.applied)])
         self.applied[0].copy_(b)
         self.applied[1].copy_(a)
 
@@ -164,22 +172,28 @@ class DeltaPropagation(Axis):
         """W += D(target) - D(applied); equal factor pairs cancel exactly (a repeated load adds nothing)."""
         terms = _cancel_equal((self._terms(*target) if target is not None else []) + self._applied_terms())
         if terms:
-            self._add_to_weight(self._dense(terms))
+            self._add_to_weight(terms)
         self.applied = None if target is None else (target[0].detach().clone(), target[1].detach().clone())
         self.applied_snapshot = None
 
-    def _add_to_weight(self, delta: torch.Tensor) -> None:
-        w = self.weight
-        delta = transpose(delta, self.layer.fan_in_fan_out)
+    def _add_to_weight(self, terms) -> None:
+        """W += coef · Σ sign·B A, on the elements of W this rank holds (all of W when unsharded): its
+        rows of the stacked B times the whole stacked A (core/sharding.py), never a whole sharded W."""
+        w, dtype = self.weight, _state_dtype(self.weight.dtype)
+        left = torch.cat([sign * self.coef * b.detach().to(dtype) for sign, b, _ in terms], dim=1)
+        right = torch.cat([a.detach().to(dtype) for _, _, a in terms], dim=0)
+        if self.layer.fan_in_fan_out:  # W is stored as (B A)ᵀ = Aᵀ Bᵀ
+            left, right = right.T, left.T
+        local, delta = sharding.local_product(w, left, right)
         if w.dtype not in _HALF:
-            w.data.add_(delta.to(w.dtype))
+            local.add_(delta.to(w.dtype))
             return
         if self.residual is None:
-            self.residual = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+            self.residual = torch.zeros(local.shape, dtype=torch.float32, device=w.device)
             _warn_half_once(w.dtype)
-        exact = w.data.float().add_(self.residual).add_(delta.float())
-        w.data.copy_(exact)
-        self.residual = exact.sub_(w.data.float())
+        exact = local.float().add_(self.residual).add_(delta.float())
+        local.copy_(exact)
+        self.residual = exact.sub_(local.float())
 
     # forward / merge / export ---------------------------------------------------------------
     def _fusable(self) -> bool:
@@ -230,8 +244,24 @@ class DeltaPropagation(Axis):
         bs, as_ = torch.cat([b, -bk], 1), torch.cat([a, ak], 0)
         return float(((bs.T @ bs) * (as_ @ as_.T)).sum()) * self.coef ** 2
 
+    @torch.no_grad()
+    def remove(self) -> None:
+        """delete_adapter: in place, take `D` back out of `W` (the base is W_0 again, as for any deleted adapter)."""
+        if self.in_place and self.applied is not None:
+            self._write_difference(None)
+        self.residual = None
+
+    def weighting_refusal(self) -> Optional[str]:
+        if self.in_place and self.taken:
+            return ("propagation: an in_place Delta-LoRA adapter has written λ·s·(B A - B_K A_K) into the base weights, "
+                    "which every adapter shares, so add_weighted_adapter cannot weight it; combine adapters trained with "
+                    "propagation='folded', or merge_and_unload() this one first")
+        return None
+
     # load -----------------------------------------------------------------------------------
-    def _before_load(self, *args, **kwargs) -> None:
+    def _before_load(self, module, state_dict, prefix, *args, **kwargs) -> None:
+        # A whole-model state dict (an FSDP / ZeRO-3 checkpoint) carries W with the factors it was built from.
+        self._loads_weight = f"{prefix}base_layer.weight" in state_dict
         if self.applied is not None and self.applied_snapshot is None:
             self.applied_snapshot = tuple(t.detach().clone() for t in self.snapshot_factors())
 
@@ -244,6 +274,13 @@ class DeltaPropagation(Axis):
             raise RuntimeError(
                 f"{self.layer.forge_name}: Delta-LoRA state was loaded into a layer whose adapter is merged into W; "
                 "call model.unmerge_adapter() before loading, then merge again if you need to.")
+        if getattr(self, "_loads_weight", False):
+            self._loads_weight = False
+            if self.in_place:  # W came with these factors: it holds D(target), nothing to write
+                target = self.target()
+                self.applied = None if target is None else (target[0].detach().clone(), target[1].detach().clone())
+                self.applied_snapshot = None
+            return
         status = self._classify_base()
         if not self.in_place:
             return
@@ -268,7 +305,7 @@ class DeltaPropagation(Axis):
         f0 = self.layer.lora_delta_w0_print[self.adapter]
         if torch.isnan(f0).any() or self.weight.device.type == "meta":
             return "consistent"
-        v = _probe(transpose(self.weight, self.layer.fan_in_fan_out).shape[1], f0.dtype, f0.device)
+        v = _probe(self.layer.in_features, f0.dtype, f0.device)
         c = self._print_of(self.weight)
         target = self.target()
         candidates = {"consistent": f0.clone(), "pristine": f0, "carries": f0.clone(), "merged": None}

@@ -9,11 +9,15 @@ from __future__ import annotations
 import warnings
 from typing import Optional
 
+import torch
+
 from ..core.driver import Controller
 from .layer import DeltaPropagation
 
 
 class DeltaLoRAController(Controller):
+    supports_sharded_weights = True  # factors and W are read and written through core/sharding.py
+
     def __init__(self, driver) -> None:
         super().__init__(driver)
         self.config = driver.config
@@ -24,8 +28,12 @@ class DeltaLoRAController(Controller):
 
     @property
     def axes(self) -> list[DeltaPropagation]:
-        return [ax for layer in self.layers for ax in layer.forge_axes.get(self.adapter, [])
-                if isinstance(ax, DeltaPropagation)]
+        # The driver's layers and their axes are fixed for its lifetime (a new adapter makes a new
+        # driver), so the per-step work does not rebuild this list.
+        if getattr(self, "_axes", None) is None:
+            self._axes = [ax for layer in self.layers for ax in layer.forge_axes.get(self.adapter, [])
+                          if isinstance(ax, DeltaPropagation)]
+        return self._axes
 
     def _catch_up(self, step: int) -> None:
         missing = [ax for ax in self.axes if not ax.taken]
@@ -40,6 +48,8 @@ class DeltaLoRAController(Controller):
 
     def begin(self, max_steps: Optional[int]) -> None:
         self._catch_up(self.driver.step)
+
+    def plan(self, max_steps: Optional[int]) -> None:
         if max_steps is not None and max_steps <= self.start_step:
             warnings.warn(
                 f"Delta-LoRA: start_step={self.start_step} >= max_steps={max_steps}, so W will never move and this "
@@ -58,6 +68,7 @@ class DeltaLoRAController(Controller):
             for ax in self.axes:
                 ax.propagate()
 
+    @torch.no_grad()
     def log_values(self) -> dict[str, float]:
         """||λ·s·(B A - B_K A_K)||_F over all layers: how far the (effective) W has moved from W_0."""
         return {"delta_lora/w_shift_norm": max(0.0, sum(ax.shift_sq_norm() for ax in self.axes)) ** 0.5}

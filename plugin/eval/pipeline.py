@@ -5,7 +5,7 @@ import json
 import time
 from pathlib import Path
 
-from .prompts import get_task
+from .prompts import PROTOCOLS, get_task
 from .texts import NORMALIZATIONS, read_lines, read_references
 
 
@@ -17,8 +17,9 @@ def outputs_path(out) -> Path:
 
 def evaluate_style(task: str, inputs, references, *, model=None, adapter=None, hypotheses=None,
                    classifier=None, lm=None, out=None, system_name: str | None = None,
-                   template: str = "alpaca", batch_size: int = 8, num_beams: int = 1,
-                   max_new_tokens: int = 64, dtype: str = "auto", device: str | None = None,
+                   protocol: str = "loraforge", template: str | None = None, batch_size: int = 8,
+                   num_beams: int | None = None, max_new_tokens: int | None = None,
+                   dtype: str = "auto", device: str | None = None,
                    limit: int | None = None, bleu_tokenize: str = "13a", bleu_lowercase: bool = False,
                    lm_normalize: str = "auto", progress: bool = True) -> dict:
     """Score one system on one transfer direction; write `out` (JSON) and its outputs file if given.
@@ -28,9 +29,23 @@ def evaluate_style(task: str, inputs, references, *, model=None, adapter=None, h
     the paper's "Reference" row. `references` is a list of files, each one reference per input.
     ACC needs `classifier` (a folder from `train_style_classifier`), PPL needs `lm` (ARPA or
     KenLM binary); a metric whose resource is not given is reported as null.
+
+    `protocol` sets the generation defaults (`prompts.PROTOCOLS`): "loraforge" (greedy, 64 new
+    tokens, the Alpaca template, text as given) or "paper" (the SaLoRA authors' script: 4 beams,
+    128 new tokens, their Alpaca prompt, lowercased inputs and references). `template`,
+    `num_beams` and `max_new_tokens` override it; the results record the protocol, every setting
+    and which ones were overridden.
     """
     started = time.time()
     spec = get_task(task)
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"--protocol: unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    proto = PROTOCOLS[protocol]
+    given = {"template": template, "num_beams": num_beams, "max_new_tokens": max_new_tokens}
+    overridden = sorted(k for k, v in given.items() if v is not None and v != getattr(proto, k))
+    template = template or proto.template
+    num_beams = num_beams or proto.num_beams
+    max_new_tokens = max_new_tokens or proto.max_new_tokens
     if (model is None) == (hypotheses is None):
         raise ValueError("pass exactly one of --model (generate rewrites) or --hypotheses (score a file of rewrites)")
     if not references:
@@ -44,6 +59,9 @@ def evaluate_style(task: str, inputs, references, *, model=None, adapter=None, h
     ref_sets = [read_references(path, sentences) for path in references]
     if limit is not None:
         sentences, ref_sets = sentences[:limit], [refs[:limit] for refs in ref_sets]
+    if proto.lowercase:
+        sentences = [s.lower() for s in sentences]
+        ref_sets = [[r.lower() for r in refs] for refs in ref_sets]
 
     if hypotheses is not None:
         outputs = read_lines(hypotheses, "--hypotheses")
@@ -75,9 +93,13 @@ def evaluate_style(task: str, inputs, references, *, model=None, adapter=None, h
         "hypotheses": None if hypotheses is None else str(hypotheses),
         "inputs": str(inputs),
         "references": [str(p) for p in references],
+        "protocol": proto.name,
+        "protocol_source": proto.source,
+        "lowercased_inputs_and_references": proto.lowercase,
         "generation": None if model is None else {
             "prompt": template, "decoding": "greedy" if num_beams == 1 else "beam",
             "num_beams": num_beams, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
+            "overridden": overridden,
         },
         "metrics": {"acc": None, "bleu": None, "ppl": None},
         "bleu": bleu(outputs, ref_sets, tokenize=bleu_tokenize, lowercase=bleu_lowercase),

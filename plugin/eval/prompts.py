@@ -55,7 +55,35 @@ PAPER_TABLE_A3 = (
     "Below is an instruction that describes a task. Write a response that appropriately completes "
     "the request.\n\nInstruction:\n{instruction}\n\nInput: {input}\n\nResponse:"
 )
-TEMPLATES = {"alpaca": ALPACA_INPUT, "paper": PAPER_TABLE_A3}
+# The SaLoRA authors' evaluation script (TSTBench, Algorithms/LORA/evaluate_tst.py) prompts with
+# alpaca-lora's copy of the template, which has a space before the blank line; kept byte-exact for
+# `--protocol paper`.
+TSTBENCH = ALPACA_INPUT.replace("completes the request.\n\n", "completes the request. \n\n")
+TEMPLATES = {"alpaca": ALPACA_INPUT, "paper": PAPER_TABLE_A3, "tstbench": TSTBENCH}
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How rewrites are generated; the name and every setting go into the results JSON."""
+    name: str
+    template: str
+    num_beams: int
+    max_new_tokens: int
+    lowercase: bool  # inputs and references lowercased before prompting and scoring
+    source: str
+
+
+PROTOCOLS = {
+    "loraforge": Protocol("loraforge", "alpaca", 1, 64, False,
+                          "loraforge defaults: greedy decoding, inputs and references as given"),
+    # Read from the authors' script: num_beams=4, max_new_tokens=128 (its sampling arguments are
+    # inert without do_sample), inputs and references `.strip().lower()`, the four instructions of
+    # TASKS. It decodes one prompt at a time and keeps the whole response; here prompts are
+    # batched (left padding, attention-masked) and the first line of the response is kept, since
+    # outputs are stored one per line.
+    "paper": Protocol("paper", "tstbench", 4, 128, True,
+                      "TSTBench Algorithms/LORA/evaluate_tst.py (the SaLoRA authors' evaluation)"),
+}
 
 
 def alpaca_prompt(instruction: str, input: str = "") -> str:

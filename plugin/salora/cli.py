@@ -6,13 +6,14 @@ recorded in `loraforge_export.json`).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from types import SimpleNamespace
 
+import torch
+
 from ..core.layer import module_order
-from .layer import FROZEN_CODES, deterministic_gate
+from .layer import FROZEN_CODES, deterministic_gate, phase_at
 from .report import ModuleGates, format_table, summarize, write_summary
 
 PREFIX = "base_model.model."
@@ -54,7 +55,10 @@ def adapter_summary(path: str) -> dict:
             continue
         start, end, code = (int(v) for v in t["lora_salora_window"].tolist())
         frozen = FROZEN_CODES[code]
-        eval_gate = t["lora_gate_frozen"] if frozen else deterministic_gate(t["lora_gate_logits"].float(), cfg.gamma, cfg.zeta)
+        step = int(t["lora_forge_step"]) if "lora_forge_step" in t else 0
+        phase = phase_at(step, start, end, frozen)  # the layer's eval gate: 1 before the window
+        eval_gate = (t["lora_gate_frozen"] if frozen else torch.ones_like(t["lora_gate_logits"].float()) if phase == "ones"
+                     else deterministic_gate(t["lora_gate_logits"].float(), cfg.gamma, cfg.zeta))
         gates.append(ModuleGates(name, t["lora_gate_logits"], eval_gate, t["lora_A.weight"].shape[1], t["lora_B.weight"].shape[0]))
         if state is None:
             lam = t["lora_salora_lambda"].tolist()
@@ -75,12 +79,16 @@ def stock_summary(path: str) -> dict:
 
 
 def ranks_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="loraforge ranks", description="Per-module ranks of a SaLoRA adapter "
-                                     "(or of a stock LoRA adapter written by `loraforge export`).")
-    parser.add_argument("adapter", help="folder of a saved adapter (adapter_config.json + adapter_model.safetensors)")
-    parser.add_argument("--png", help="also write the layers × module-type heat map to this PNG file")
-    parser.add_argument("--json", help="also write the numbers to this JSON file")
-    args = parser.parse_args(argv)
+    from loraforge_cli import parse
+
+    return ranks(parse("ranks", argv))
+
+
+def ranks(args) -> int:
+    """`loraforge ranks` with parsed arguments (see loraforge_cli)."""
+    from loraforge_cli import UsageError, check_adapter_dir
+
+    check_adapter_dir(args.adapter)
     config, _ = read_adapter(args.adapter)
     if config.get("peft_type") == "LORAFORGE_SALORA":
         summary = adapter_summary(args.adapter)
@@ -90,8 +98,9 @@ def ranks_main(argv: list[str]) -> int:
         print(f"lambda {summary['lambda']:.6g} (linear {summary['lambda_linear']:.6g}) | window {window} | "
               f"step {summary['step']} | gates "
               f"{'frozen with prune_budget=' + repr(summary['frozen']) if summary['frozen'] else 'not frozen'}")
-        ranks = {r["module"]: r["export_rank"] for r in summary["modules"]}
+        module_ranks = {r["module"]: r["export_rank"] for r in summary["modules"]}
         r_max = max(r["r"] for r in summary["modules"])
+        densities = summary
     elif config.get("peft_type") == "LORA":
         summary = stock_summary(args.adapter)
         for row in summary["modules"]:
@@ -100,14 +109,16 @@ def ranks_main(argv: list[str]) -> int:
         if salora:
             print("densities at export: " + ", ".join(f"{k} {salora[k]:.3f}" for k in
                   ("target_density", "expected_density", "realized_density", "export_density")))
-        ranks = {r["module"]: r["export_rank"] for r in summary["modules"]}
-        r_max = max(ranks.values())
+        module_ranks = {r["module"]: r["export_rank"] for r in summary["modules"]}
+        r_max = max(module_ranks.values())
+        densities = salora
     else:
-        parser.error(f"{args.adapter}: not a SaLoRA or LoRA adapter (peft_type {config.get('peft_type')!r})")
+        raise UsageError(f"{args.adapter}: not a SaLoRA or LoRA adapter (peft_type {config.get('peft_type')!r}); "
+                         "pass a folder written by a SaLoRA run or by `loraforge export`")
     if args.png:
-        from .plot import rank_heatmap
+        from .plot import heatmap_title, rank_heatmap
 
-        if rank_heatmap(ranks, args.png, r_max=r_max) is None:
+        if rank_heatmap(module_ranks, args.png, r_max=r_max, title=heatmap_title(densities)) is None:
             print("no module has a layer index: no heat map written")
     if args.json:
         write_summary(summary, args.json)

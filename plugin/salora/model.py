@@ -32,10 +32,11 @@ Decisions the paper leaves open:
   "paper" ends the window at C - b = +0.47 / +0.29 at T = 200 / 1,000 (3 seeds, b = 0.36-0.50: never
   reached), "schedule" at |C - b| < 1e-3 and |realised - b| <= 0.01 at T = 200 / 1,000 / 5,000.
   λ (and Λ, μ) are device tensors updated in place: no host sync per step.
-- `η_c` is constant: the trainer's LR schedule does not scale the gate group (core's trainer pins
-  groups that carry `loraforge_constant_lr`), as Algorithm 1 writes it. Gates move only inside the window: outside it the forward does
-  not use the logits (or uses them detached), there is no λ term, and after every step outside the
-  window their `.grad` is set to None, so AdamW applies neither momentum nor weight decay to them.
+- `η_c` is constant: no LR schedule scales the gate group (the optimizer pre-step hook resets groups
+  that carry `loraforge_constant_lr`, core/driver.py), as Algorithm 1 writes it. Gates move only
+  inside the window: outside it the forward does not use the logits (or uses them detached), there
+  is no λ term, and after every step outside the window their `.grad` is set to None, so AdamW
+  applies neither momentum nor weight decay to them.
 - At the end of the window the gates freeze: `select_gates` with the config's `prune_budget` sets the
   gate every later forward, eval, merge and export uses, so the last part of training adapts to
   exactly the ranks the export keeps. "exact" keeps, over all modules, the ranks with the highest
@@ -53,9 +54,11 @@ from typing import Optional
 
 import torch
 
-from ..core.driver import Controller
+from ..core import sharding
+from ..core.driver import CONSTANT_LR, Controller
 from ..core.layer import ForgeLinear
-from .layer import BUDGET_CODES, HardConcreteGate, expected_gate, phase_at, prob_nonzero
+from .layer import BUDGET_CODES, GateSampler, HardConcreteGate, expected_gate, phase_at, prob_nonzero
+from .orth import orth_penalty
 from .report import ModuleGates, format_table, summarize, write_summary
 
 logger = logging.getLogger("loraforge.salora")
@@ -83,7 +86,7 @@ def gate_axes(layers: list[ForgeLinear], adapter: str) -> list[HardConcreteGate]
 
 
 def module_gates(axes: list[HardConcreteGate]) -> list[ModuleGates]:
-    return [ModuleGates(a.layer.forge_name, a.log_alpha.detach(), a.eval_gate().detach(),
+    return [ModuleGates(a.layer.forge_name, a.logits().detach(), a.eval_gate().detach(),
                         a.layer.in_features, a.layer.out_features) for a in axes]
 
 
@@ -96,7 +99,7 @@ def select_gates(axes: list[HardConcreteGate], budget: str) -> list[torch.Tensor
         return det
     if budget != "exact":
         raise ValueError(f"budget: must be 'gate' or 'exact', got {budget!r}")
-    prob = torch.cat([prob_nonzero(a.log_alpha.detach().float(), cfg.temperature, cfg.gamma, cfg.zeta) for a in axes]).cpu()
+    prob = torch.cat([prob_nonzero(a.logits().detach().float(), cfg.temperature, cfg.gamma, cfg.zeta) for a in axes]).cpu()
     gate = torch.cat(det).cpu()
     weight = torch.cat([torch.full((a.layer.r[a.adapter],), float(a.layer.in_features + a.layer.out_features),
                                    dtype=torch.float64) for a in axes])
@@ -110,7 +113,7 @@ def select_gates(axes: list[HardConcreteGate], budget: str) -> list[torch.Tensor
     for a, g in zip(axes, det):
         n = g.numel()
         k = keep[offset:offset + n].to(g.device)
-        mean = expected_gate(a.log_alpha.float(), cfg.temperature, cfg.gamma, cfg.zeta).clamp_min(torch.finfo(torch.float32).tiny)
+        mean = expected_gate(a.logits().float(), cfg.temperature, cfg.gamma, cfg.zeta).clamp_min(torch.finfo(torch.float32).tiny)
         out.append(torch.where(k, torch.where(g > 0, g, mean), torch.zeros_like(g)))
         offset += n
     return out
@@ -166,11 +169,13 @@ def gate_summary(model: torch.nn.Module, adapter: str = "default") -> dict:
 
 
 class SaLoRAController(Controller):
+    supports_sharded_weights = True  # it reads A, B and the logits through core/sharding.py
     salora = True  # marks the controller the gate axes re-sync after a load
     needs_trainer = (
         "SaLoRA adds its orthogonal regulariser and budget term λ·(C - b)² to the loss and trains its gates "
         "with their own learning rate gate_lr, which a plain trainer does not do"
     )
+    leaves_parameters_unused = "its gate logits get no gradient outside the gate window"
 
     def __init__(self, driver) -> None:
         super().__init__(driver)
@@ -180,6 +185,8 @@ class SaLoRAController(Controller):
             torch.full((a.layer.r[self.adapter],), float(a.layer.in_features + a.layer.out_features)) for a in self.axes
         ])
         self.total_weight = float(self.rank_weight.sum())
+        self._weights: dict = {}  # rank_weight shaped like `sampler.logits()`, per device
+        self.sampler = GateSampler(self.axes)  # all layers' gates in one draw per forward
         self._last_density: Optional[torch.Tensor] = None
         self._logits_before: Optional[list[torch.Tensor]] = None
         self.sync()
@@ -193,6 +200,7 @@ class SaLoRAController(Controller):
         # no host sync per step. The layers' buffers get a copy after each update (they are what is saved).
         self.lam_state = axis.layer.lora_salora_lambda[self.adapter].detach().clone().float()
         self.step = self.driver.step
+        self.sampler.forget()
         self._set_phases()
 
     @property
@@ -228,22 +236,23 @@ class SaLoRAController(Controller):
 
     # quantities ------------------------------------------------------------------------------
     def expected_density(self) -> torch.Tensor:
+        """C = Σ_i P(g_i > 0)·(d_in + d_out) / Σ_i (d_in + d_out) over all ranks: one op chain."""
         cfg = self.config
-        logits = torch.cat([a.log_alpha for a in self.axes])
-        weight = self.rank_weight.to(logits.device)
+        logits = self.sampler.logits(fresh=False)
+        weight = self._weights.get(logits.device)
+        if weight is None:
+            weight = self._weights[logits.device] = self.rank_weight.to(logits.device).view(logits.shape)
         return (prob_nonzero(logits.float(), cfg.temperature, cfg.gamma, cfg.zeta) * weight).sum() / self.total_weight
 
-    def orth_losses(self) -> list[torch.Tensor]:
-        """||BᵀB - I||_F² + ||AAᵀ - I||_F² per layer, in float32 whatever the autocast."""
-        out = []
-        for a in self.axes:
-            b = a.layer.lora_B[self.adapter].weight
-            w = a.layer.lora_A[self.adapter].weight
-            with torch.autocast(device_type=b.device.type, enabled=False):
-                b, w = b.float(), w.float()
-                eye = torch.eye(b.shape[1], device=b.device)
-                out.append((b.T @ b - eye).pow(2).sum() + (w @ w.T - eye).pow(2).sum())
-        return out
+    def factors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(A_i for every layer, B_i for every layer): the one place the regulariser reads the factors;
+        whole, with their gradients, under FSDP / ZeRO-3 (core/sharding.py)."""
+        return ([sharding.whole(a.layer, "lora_A", self.adapter) for a in self.axes],
+                [sharding.whole(a.layer, "lora_B", self.adapter) for a in self.axes])
+
+    def orth_loss(self) -> torch.Tensor:
+        """Σ_i ||B_iᵀB_i - I||_F² + ||A_iA_iᵀ - I||_F² (summed, float32), batched over same-shape factors."""
+        return orth_penalty(*self.factors())
 
     # protocol --------------------------------------------------------------------------------
     def begin(self, max_steps: Optional[int]) -> None:
@@ -264,7 +273,7 @@ class SaLoRAController(Controller):
         cfg = self.config
         loss = None
         if cfg.orth_reg_weight:
-            orth = sum(self.orth_losses())
+            orth = self.orth_loss()
             if cfg.orth_reg_reduction == "mean":
                 orth = orth / len(self.axes)
             loss = cfg.orth_reg_weight * orth
@@ -352,12 +361,20 @@ class SaLoRAController(Controller):
 
     def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
         return [{"params": [a.log_alpha for a in self.axes], "lr": self.config.gate_lr, "weight_decay": 0.0,
-                 "loraforge_constant_lr": True, "name": "salora_gates"}]
+                 CONSTANT_LR: self.config.gate_lr, "name": "salora_gates"}]
+
+    def before_step(self) -> None:
+        # Outside the window the logits must take no step: FSDP1 hands every parameter a gradient
+        # (zeros where none flowed), which AdamW would turn into momentum and a step count.
+        if not self.in_window():
+            for axis in self.axes:
+                axis.log_alpha.grad = None
 
     @torch.no_grad()
     def on_step_end(self, step: int, max_steps: Optional[int]) -> None:
         was_inside = self.in_window()  # the step just taken (number `step`) ran inside the window
         self.step = step
+        self.sampler.forget()  # the logits moved (in place; a fused optimizer does not bump their versions)
         if was_inside:
             if self.config.budget_control == "paper":
                 density = self._last_density if self._last_density is not None else self.expected_density().detach()
@@ -393,7 +410,7 @@ class SaLoRAController(Controller):
             "salora/lambda": self.lam,
             **({"salora/target_density_now": self.target_at(max(self.step, self.start)) if self.start >= 0 else 0.0}
                if self.config.budget_control == "schedule" else {}),
-            "salora/orth_loss": float(sum(self.orth_losses())) / len(self.axes),
+            "salora/orth_loss": float(self.orth_loss()) / len(self.axes),
             "salora/live_ranks": float(s["live_ranks"]),
         }
         if self.config.lagrangian == "linear_quadratic":
@@ -405,7 +422,7 @@ class SaLoRAController(Controller):
         table = format_table(s)
         logger.info("SaLoRA ranks after training:\n%s", table)
         if output_dir and _main_process():
-            from .plot import rank_heatmap
+            from .plot import heatmap_title, rank_heatmap
 
             os.makedirs(output_dir, exist_ok=True)
             write_summary(s, os.path.join(output_dir, "salora_ranks.json"))
@@ -413,7 +430,7 @@ class SaLoRAController(Controller):
                 f.write(table + "\n")
             rank_heatmap({r["module"]: r["export_rank"] for r in s["modules"]}, os.path.join(output_dir, "salora_ranks.png"),
                          r_max=max(r["r"] for r in s["modules"]),
-                         title=f"SaLoRA ranks (density {s['export_density']:.2f}, target {s['target_density']:.2f})")
+                         title=heatmap_title(s))
         if not self.frozen:
             _warn(f"SaLoRA: training ended at step {self.step}, before the gates froze at the end of the window "
                   f"(step {self.end}); merge and export use the deterministic gates. Call "

@@ -5,6 +5,15 @@ from .config import DEFAULT_TARGET_MODULES
 from .report import layer_and_type
 
 
+def heatmap_title(densities: dict | None) -> str:
+    """The heat map's title, with the exported and target densities when they are known: the same
+    for the map written at the end of training and for `loraforge ranks --png`."""
+    if not densities:
+        return "SaLoRA ranks"
+    return (f"SaLoRA ranks (density {densities['export_density']:.2f}, "
+            f"target {densities['target_density']:.2f})")
+
+
 def rank_heatmap(ranks: dict[str, int], path: str, r_max: int | None = None, title: str = "SaLoRA ranks") -> str | None:
     """Write a PNG of `ranks` (module name -> rank) to `path`; modules without a layer index are left
     out (they are in the rank table). Returns the path, or None when no module has a layer index."""
@@ -46,6 +55,6 @@ def rank_heatmap(ranks: dict[str, int], path: str, r_max: int | None = None, tit
     ax.set_title(title)
     fig.colorbar(image, ax=ax, label="rank")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, metadata={"Title": title})  # the title, readable without OCR
     plt.close(fig)
     return path
