@@ -70,7 +70,7 @@ def run(tmp_path_factory):
     tok = testing.tiny_tokenizer()
     data = testing.lm_dataset(tok, testing.alpaca_records()[:64])
     model = get_peft_model(testing.tiny_llama(0), loraforge.SaLoRAConfig(
-        window_start=6, window_end=18, gate_lr=0.1, target_density=B, prune_budget="exact"))
+        window_start=6, window_end=18, gate_lr=0.1, target_density=B, prune_budget="exact", budget_control="paper"))
     out = tmp_path_factory.mktemp("salora_run")
     trainer = loraforge.LoraForgeTrainer(model=model, train_dataset=data, args=args(
         out, gradient_accumulation_steps=2, weight_decay=0.1, warmup_steps=3, lr_scheduler_type="linear"))
@@ -123,7 +123,7 @@ def test_gate_learning_rate_is_constant_while_the_schedule_moves_the_rest(run):
 def test_gates_step_at_gate_lr_under_schedulers_that_are_not_lambda_lr(lm_dataset, schedule):
     """Plain SGD: a gate logit must move by exactly -gate_lr·grad each step, whatever the scheduler wrote."""
     model = get_peft_model(testing.tiny_llama(0), loraforge.SaLoRAConfig(
-        target_modules=["q_proj", "v_proj"], window_start=0, window_end=6, gate_lr=0.1))
+        target_modules=["q_proj", "v_proj"], window_start=0, window_end=6, gate_lr=0.1, budget_control="paper"))
     d = loraforge.driver(model).begin(max_steps=6)
     gates = d.param_groups(1e-3, 0.0)
     taken = {id(p) for g in gates for p in g["params"]}
@@ -221,7 +221,7 @@ def test_a_short_run_reaches_the_target_density():
 def test_linear_quadratic_lagrangian_ascends_both_multipliers():
     torch.manual_seed(0)
     model = get_peft_model(testing.tiny_llama(0), loraforge.SaLoRAConfig(
-        window_start=0, window_end=8, gate_lr=0.5, lagrangian="linear_quadratic"))
+        window_start=0, window_end=8, gate_lr=0.5, lagrangian="linear_quadratic", budget_control="paper"))
     history = []
     for d, _ in _hand_loop(model, 8):
         history.append((expected_density_by_hand(model), lambdas(model)))

@@ -8,6 +8,14 @@ experiments/salora_planted.py, see the module docstrings of `model.py` and `laye
   adapter so that a resume keeps them.
 - The gates' learning rate `gate_lr` is constant: the trainer's LR schedule does not scale it (the
   paper's Algorithm 1 uses a fixed `η_c` for the gates and for `λ`).
+- `budget_control` decides how C is driven to b inside the window. "schedule" (default): a target
+  falling cubically from C at init to b by 3/4 of the window, then held, on which C is put after
+  every optimizer step by a multiplier solved for that step, with the gates' step scaled to the
+  window's length and the gates sharpened over the hold (model.py's docstring). "paper": Eq. 12,
+  λ(C - b)² with λ <- max(0, λ + η_c·(C - b)²). Measured in experiments/salora_budget.py (planted
+  ranks, 3 seeds, runs of 200 / 1,000 / 5,000 steps, the paper's other defaults): "schedule" ends the
+  window at |C - b| < 1e-3 and |realised - b| <= 0.01 at every length; "paper" at C - b = +0.47 /
+  +0.29 at 200 / 1,000 steps, i.e. never reaches b (as METHODS.md measured at LLaMA run lengths).
 - `prune_budget` decides which ranks survive when the gates freeze at the end of the window (the
   rest of training then adapts to exactly those ranks, and eval, merge and export use them):
   "gate" keeps the ranks whose deterministic gate ĝ is > 0 (the paper's rule), "exact" keeps the
@@ -30,6 +38,7 @@ DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "
 ORTH_REDUCTIONS = ("mean", "sum")
 LAGRANGIANS = ("quadratic", "linear_quadratic")
 PRUNE_BUDGETS = ("exact", "gate")
+BUDGET_CONTROLS = ("schedule", "paper")
 
 
 def _is_number(value) -> bool:
@@ -85,6 +94,12 @@ class SaLoRAConfig(ForgeConfig):
         default="quadratic",
         metadata={"help": "'quadratic': λ·(C-b)² (Eq. 12); 'linear_quadratic': λ1·(C-b) + λ2·(C-b)², both ascended."},
     )
+    budget_control: str = field(
+        default="schedule",
+        metadata={"help": "How C is driven to b inside the window: 'schedule' (default) holds a target falling from "
+                          "C at init to b by 3/4 of the window with a multiplicative multiplier; 'paper' is "
+                          "Eq. 12, λ <- max(0, λ + gate_lr·(C-b)²)."},
+    )
     prune_budget: str = field(
         default="exact",
         metadata={"help": "Which ranks survive when the gates freeze: 'exact' keeps the best-scoring ranks "
@@ -116,6 +131,10 @@ class SaLoRAConfig(ForgeConfig):
             require(self.window_start < self.window_end, "window_start",
                     f"must be before window_end, got window_start={self.window_start!r} >= window_end={self.window_end!r}")
         require(self.lagrangian in LAGRANGIANS, "lagrangian", f"must be one of {LAGRANGIANS}, got {self.lagrangian!r}")
+        require(self.budget_control in BUDGET_CONTROLS, "budget_control",
+                f"must be one of {BUDGET_CONTROLS}, got {self.budget_control!r}")
+        require(self.budget_control == "paper" or self.lagrangian == "quadratic", "lagrangian",
+                f"{self.lagrangian!r} is a form of the paper's multiplier rule: set budget_control='paper' with it")
         require(self.prune_budget in PRUNE_BUDGETS, "prune_budget",
                 f"must be one of {PRUNE_BUDGETS}, got {self.prune_budget!r}")
         require(not self.use_dora, "use_dora", "SaLoRA's gated layer cannot be combined with DoRA; set use_dora=False")

@@ -7,11 +7,31 @@ Objective: `L = L_task + β·R_orth + [inside the window] λ·(C - b)²`
 - `C` the parameter-weighted expected density (closed-form expected L0, Eq. 8/11).
 
 Decisions the paper leaves open:
-- λ ascends after each optimizer step inside the window by the gradient of the loss w.r.t. λ at the
-  parameters that loss was computed at (simultaneous gradient descent-ascent, Algorithm 1):
-  `λ ← max(0, λ + η_c·(C_t - b)²)`. In the linear-quadratic form `λ1 ← λ1 + η_c·(C_t - b)` is not
-  projected: it is the multiplier of an equality constraint, so its sign is free (as in the
-  two-multiplier form of Wang et al. 2020).
+- The budget control (`budget_control`). Default "schedule": inside the window the target
+  b_t falls cubically (as AdaLoRA's budget) from C at init (11/12 at the default γ, ζ) to b at 3/4 of
+  the window and then holds at b. The task gradient alone reaches the logits through the optimizer
+  (no λ term in the loss); after each optimizer step the logits move by -μ·∂C/∂logit with the
+  multiplier μ solved (safeguarded Newton, on the device) so that C = b_t exactly: the gradient step
+  of the Lagrangian term μ·(C - b_t) whose μ is the one that satisfies the constraint, instead of
+  an ascended one. `salora/lambda` logs Λ = Σμ (it rises while b_t falls and settles in the hold).
+  Two more pieces make it independent of the run length: the optimizer's own move of the logits is
+  scaled by max(1, min(10 / window steps, 0.1) / gate_lr) (Adam moves a logit by at most ~gate_lr a step, so
+  with the paper's 0.01 a 60-step window, a 200-step run, cannot move them the ~2.4 units that
+  C = 0.5 needs; from a 1,000-step window on the step is the paper's), and over the hold the
+  logits' distances from the ĝ > 0 threshold grow 20× (C kept on b), so the gates end decisively
+  on one side: the realised density (ĝ > 0) equals C, and the exact selection at the freeze keeps
+  the ranks the gates chose. Without the sharpening C = b left the realised density 0.08-0.09
+  under b (tiny MLP at 100 steps: 0.422 at b = 0.5; experiments/salora_budget.py at 2,000 steps:
+  0.375 at b = 0.464).
+  "paper" is Eq. 12: the term λ·(C - b)² in the loss, λ ascended after each optimizer step inside
+  the window by the gradient of the loss w.r.t. λ at the parameters that loss was computed at
+  (simultaneous gradient descent-ascent, Algorithm 1): `λ ← max(0, λ + η_c·(C_t - b)²)`. In the
+  linear-quadratic form `λ1 ← λ1 + η_c·(C_t - b)` is not projected: it is the multiplier of an
+  equality constraint, so its sign is free (as in the two-multiplier form of Wang et al. 2020).
+  Measured (experiments/salora_budget.py, the note of issue 14): at T = 200 / 1,000 / 5,000 steps
+  "paper" ends the window at C - b = +0.47 / +0.29 at T = 200 / 1,000 (3 seeds, b = 0.36-0.50: never
+  reached), "schedule" at |C - b| < 1e-3 and |realised - b| <= 0.01 at T = 200 / 1,000 / 5,000.
+  λ (and Λ, μ) are device tensors updated in place: no host sync per step.
 - `η_c` is constant: no LR schedule scales the gate group (the optimizer pre-step hook resets groups
   that carry `loraforge_constant_lr`, core/driver.py), as Algorithm 1 writes it. Gates move only
   inside the window: outside it the forward does not use the logits (or uses them detached), there
@@ -27,6 +47,7 @@ Decisions the paper leaves open:
 from __future__ import annotations
 
 import logging
+import math
 import os
 import warnings
 from typing import Optional
@@ -44,6 +65,20 @@ logger = logging.getLogger("loraforge.salora")
 
 #: How far the exported density may sit from target_density before training ends with a warning.
 DENSITY_WARN_GAP = 0.1
+# The "schedule" budget control (see the module docstring for the measurements behind these):
+#: share of the window after which the target b_t has fallen (cubically) from C at init to b and holds.
+SCHEDULE_END = 0.75
+#: over the hold (the last 1 - SCHEDULE_END of the window) the logits' distances from the ĝ > 0 threshold grow
+#: by this factor, so the gates end decisively on either side of it (realised density = C = b).
+SHARPEN = 20.0
+#: logit units the gates can at least travel over the window (their step is scaled up to allow it).
+GATE_TRAVEL = 10.0
+#: ... but the scaled step stays <= this many logit units a step: a larger one lets the task's move outrun the
+#: budget's (<= 1 unit a step) in windows under 100 steps (measured: an 18-step window ended at C = 0.53, b = 0.5).
+GATE_STEP_MAX = 0.1
+#: Safeguarded Newton iterations of the per-step multiplier (the step's gap is small: 3 reach float32
+#: round-off; the rest cover the bisection fallback where the sigmoids saturate).
+NEWTON_STEPS = 6
 
 
 def gate_axes(layers: list[ForgeLinear], adapter: str) -> list[HardConcreteGate]:
@@ -153,6 +188,7 @@ class SaLoRAController(Controller):
         self._weights: dict = {}  # rank_weight shaped like `sampler.logits()`, per device
         self.sampler = GateSampler(self.axes)  # all layers' gates in one draw per forward
         self._last_density: Optional[torch.Tensor] = None
+        self._logits_before: Optional[list[torch.Tensor]] = None
         self.sync()
 
     # state -----------------------------------------------------------------------------------
@@ -160,10 +196,20 @@ class SaLoRAController(Controller):
         """Read the persisted state (window, freeze, λ, step) into Python and set the axes' phases."""
         axis = self.axes[0]
         self.start, self.end, self.frozen = axis.window_state()
-        self.lam, self.lam_linear = (float(v) for v in axis.layer.lora_salora_lambda[self.adapter].tolist())
+        # λ (and λ1) live on the device, as one tensor the loss reads and `on_step_end` updates in place:
+        # no host sync per step. The layers' buffers get a copy after each update (they are what is saved).
+        self.lam_state = axis.layer.lora_salora_lambda[self.adapter].detach().clone().float()
         self.step = self.driver.step
         self.sampler.forget()
         self._set_phases()
+
+    @property
+    def lam(self) -> float:
+        return float(self.lam_state[0])  # host sync: for logging and reports only
+
+    @property
+    def lam_linear(self) -> float:
+        return float(self.lam_state[1])
 
     def _set_phases(self) -> None:
         phase = phase_at(self.step, self.start, self.end, self.frozen)
@@ -180,6 +226,10 @@ class SaLoRAController(Controller):
             if src is None or src.device != buf.device:
                 src = torch.tensor(values, dtype=buf.dtype, device=buf.device)
             buf[index] = src
+
+    def _write_lambda(self) -> None:
+        bufs = [a.layer.lora_salora_lambda[self.adapter] for a in self.axes]
+        torch._foreach_copy_(bufs, [self.lam_state.to(b.device) for b in bufs])
 
     def in_window(self) -> bool:
         return not self.frozen and 0 <= self.start <= self.step < self.end
@@ -228,14 +278,86 @@ class SaLoRAController(Controller):
                 orth = orth / len(self.axes)
             loss = cfg.orth_reg_weight * orth
         if self.in_window():
-            density = self.expected_density()
-            self._last_density = density.detach()
-            gap = density - cfg.target_density
-            term = self.lam * gap ** 2
-            if cfg.lagrangian == "linear_quadratic":
-                term = term + self.lam_linear * gap
-            loss = term if loss is None else loss + term
+            if cfg.budget_control == "paper":
+                density = self.expected_density()
+                self._last_density = density.detach()
+                lam = self.lam_state.to(density.device, copy=True)  # on_step_end updates lam_state in place
+                gap = density - cfg.target_density
+                term = lam[0] * gap ** 2
+                if cfg.lagrangian == "linear_quadratic":
+                    term = term + lam[1] * gap
+                loss = term if loss is None else loss + term
+            else:
+                # "schedule": no term in the loss, the budget step follows the optimizer's (`_step_schedule`)
+                self._logits_before = [a.log_alpha.detach().clone() for a in self.axes]
         return loss
+
+    # the budget control ----------------------------------------------------------------------
+    def target_at(self, step: int) -> float:
+        """b_t, the density the "schedule" control holds at optimizer step `step` (1-based)."""
+        cfg = self.config
+        c0 = 1.0 / (1.0 + math.exp(cfg.temperature * math.log(-cfg.gamma / cfg.zeta)))  # P(g > 0) at logit 0
+        u = min(1.0, max(0.0, (step - self.start) / ((self.end - self.start) * SCHEDULE_END)))
+        return cfg.target_density + max(0.0, c0 - cfg.target_density) * (1.0 - u) ** 3
+
+    def gate_gain(self) -> float:
+        """How many times the optimizer's own gate step the "schedule" control applies (>= 1)."""
+        lr = self.config.gate_lr
+        return max(1.0, min(GATE_TRAVEL / (self.end - self.start), GATE_STEP_MAX) / lr)
+
+    @torch.no_grad()
+    def _step_schedule(self, step: int) -> None:
+        """After the optimizer moved the logits (by the task's gradient alone): scale that move by
+        `gate_gain`, then move the logits along -∂C/∂logit by the multiplier μ that lands C exactly on b_t
+        (the gradient step of μ·(C - b_t) whose μ is solved by Newton on the monotone C(μ) rather than
+        ascended), and in the hold also sharpen them (away from the ĝ > 0 threshold, C kept on b_t)."""
+        cfg = self.config
+        before, self._logits_before = self._logits_before, None
+        logits = [a.log_alpha.data for a in self.axes]
+        gain = self.gate_gain()
+        if before is not None and gain > 1.0:
+            torch._foreach_add_(logits, torch._foreach_sub(logits, before), alpha=gain - 1.0)
+        target = self.target_at(step)
+        mu = self._land(logits, target)
+        lam = self.lam_state
+        lam[0] = lam[0] + mu.to(lam.device)  # Λ: the multiplier summed over the window (rises, then settles)
+        lam[1] = mu.to(lam.device)           # μ of this step
+        window = self.end - self.start
+        if step - self.start > window * SCHEDULE_END:
+            threshold = math.log(-cfg.gamma / cfg.zeta)  # ĝ > 0 ⟺ logit > log(-γ/ζ)
+            factor = SHARPEN ** (1.0 / max(1.0, window * (1.0 - SCHEDULE_END)))
+            torch._foreach_mul_(logits, factor)
+            torch._foreach_add_(logits, threshold * (1.0 - factor))
+            self._land(logits, target)  # part of the sharpening, not of the multiplier's work
+
+    def _land(self, logits: list[torch.Tensor], target: float) -> torch.Tensor:
+        """Move `logits` in place by -μ·∂C/∂logit, scaled so the largest move is |μ| <= 1 logit unit, with μ
+        such that C = target (or as near as one such step gets); return μ.
+
+        μ solves the monotone C(μ) = target by Newton safeguarded with bisection on [-1, 1] (a plain Newton
+        step diverges where the sigmoids saturate), a fixed number of iterations: no host sync."""
+        cfg = self.config
+        la = torch.cat([x.float() for x in logits])
+        weight = self.rank_weight.to(la.device)
+        shift = cfg.temperature * math.log(-cfg.gamma / cfg.zeta)
+        p = torch.sigmoid(la - shift)
+        direction = p * (1 - p) * weight
+        direction = direction / direction.max().clamp_min(1e-30)
+        lo, hi = torch.full((), -1.0, device=la.device), torch.full((), 1.0, device=la.device)
+        mu = torch.zeros((), device=la.device)
+        for _ in range(NEWTON_STEPS):
+            q = torch.sigmoid(la - mu * direction - shift)
+            gap = (q * weight).sum() / self.total_weight - target  # decreasing in μ
+            slope = (q * (1 - q) * direction * weight).sum() / self.total_weight  # -dC/dμ >= 0
+            lo, hi = torch.where(gap > 0, mu, lo), torch.where(gap > 0, hi, mu)
+            step = mu + gap / slope.clamp_min(1e-12)
+            mu = torch.where((step >= lo) & (step <= hi), step, (lo + hi) / 2)  # at the root, step == mu
+        moved = (mu * direction).to(logits[0].dtype)
+        offset = 0
+        for x in logits:
+            x.sub_(moved[offset:offset + x.numel()].to(x.device))
+            offset += x.numel()
+        return mu
 
     def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
         return [{"params": [a.log_alpha for a in self.axes], "lr": self.config.gate_lr, "weight_decay": 0.0,
@@ -254,13 +376,17 @@ class SaLoRAController(Controller):
         self.step = step
         self.sampler.forget()  # the logits moved (in place; a fused optimizer does not bump their versions)
         if was_inside:
-            density = self._last_density if self._last_density is not None else self.expected_density()
-            gap = float(density) - self.config.target_density
-            self.lam = max(0.0, self.lam + self.config.gate_lr * gap ** 2)
-            if self.config.lagrangian == "linear_quadratic":
-                self.lam_linear += self.config.gate_lr * gap
-            self._write("lora_salora_lambda", [self.lam, self.lam_linear], slice(0, 2))
+            if self.config.budget_control == "paper":
+                density = self._last_density if self._last_density is not None else self.expected_density().detach()
+                lam, gap = self.lam_state, density.to(self.lam_state.device) - self.config.target_density
+                lam[0] = (lam[0] + self.config.gate_lr * gap ** 2).clamp_min(0.0)
+                if self.config.lagrangian == "linear_quadratic":
+                    lam[1] = lam[1] + self.config.gate_lr * gap
+            else:
+                self._step_schedule(step)
+            self._write_lambda()
         self._last_density = None
+        self._logits_before = None
         if not self.frozen and self.start >= 0 and step >= self.end:
             freeze_gates(self.axes, self.config.prune_budget)
             self.frozen = self.config.prune_budget
@@ -282,6 +408,8 @@ class SaLoRAController(Controller):
             "salora/realized_density": s["realized_density"],
             "salora/export_density": s["export_density"],
             "salora/lambda": self.lam,
+            **({"salora/target_density_now": self.target_at(max(self.step, self.start)) if self.start >= 0 else 0.0}
+               if self.config.budget_control == "schedule" else {}),
             "salora/orth_loss": float(self.orth_loss()) / len(self.axes),
             "salora/live_ranks": float(s["live_ranks"]),
         }
