@@ -42,7 +42,8 @@ START_STEP = {"delta_in_place": 2, "delta_folded": 2}
 
 def config(case: str):
     if case == "salora":  # window inside the run: gates sample on steps 3..6, λ ascends, then the gates freeze
-        return loraforge.SaLoRAConfig(r=4, target_modules=TARGETS, window_start=2, window_end=6, gate_lr=0.05)
+        return loraforge.SaLoRAConfig(r=4, target_modules=TARGETS, window_start=2, window_end=6, gate_lr=0.05,
+                                      budget_control="paper")  # the schedule control is refused on sharded logits
     return loraforge.DeltaLoRAConfig(r=4, lora_alpha=8, target_modules=TARGETS, start_step=START_STEP[case],
                                      update_ratio=2.0, propagation=case.split("_", 1)[1])
 

@@ -55,6 +55,7 @@ from typing import Optional
 import torch
 
 from ..core import sharding
+from ..core.config import require
 from ..core.driver import CONSTANT_LR, Controller
 from ..core.layer import ForgeLinear
 from .layer import BUDGET_CODES, GateSampler, HardConcreteGate, expected_gate, phase_at, prob_nonzero
@@ -257,6 +258,13 @@ class SaLoRAController(Controller):
     # protocol --------------------------------------------------------------------------------
     def begin(self, max_steps: Optional[int]) -> None:
         self.sync()
+        if self.config.budget_control == "schedule":
+            # The schedule control moves every logit after the step from C over ALL of them (`_land`):
+            # on sharded logits each rank would solve for its own shard. Not built yet: refuse it.
+            where = next((sharding.engine(a.log_alpha) for a in self.axes if sharding.engine(a.log_alpha)), None)
+            require(where is None, "budget_control",
+                    f"'schedule' does not run on {where}-sharded gate logits yet; set budget_control='paper' under "
+                    "FSDP / ZeRO-3 (or train with DDP, where the schedule works). No parameter has been updated.")
         if self.start < 0:
             self.start, self.end = self.config.resolve_window(max_steps)
             self._write("lora_salora_window", [self.start, self.end], slice(0, 2))
