@@ -108,3 +108,23 @@ def lm_dataset(tokenizer, records: list[dict], max_length: int = 128):
                     max_length=max_length, padding="max_length")
     labels = [[t if m else -100 for t, m in zip(ids, mask)] for ids, mask in zip(enc["input_ids"], enc["attention_mask"])]
     return Dataset.from_dict({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels})
+
+
+def axolotl_workdir(root, attention=("q_proj", "k_proj", "v_proj", "o_proj")):
+    """What the headers of `example_configs/axolotl/tiny/*.yaml` tell a user to prepare in `root`: the tiny
+    model, the Alpaca data, a CoRA basis of the attention projections, and the YAMLs themselves."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from .cora.extract import extract_basis
+
+    root = Path(root)
+    save_tiny_model(root / "tiny-model")
+    with open(root / "alpaca.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in alpaca_records())
+    tuned = [save_tiny_model(root / f"tuned-{i}", seed=i) for i in (1, 2, 3)]
+    extract_basis(tuned, 4, list(attention), str(root / "cora-basis.safetensors"), progress=False)
+    for path in (Path(__file__).resolve().parents[1] / "example_configs" / "axolotl" / "tiny").glob("*.yaml"):
+        shutil.copy(path, root)
+    return root

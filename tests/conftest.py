@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -47,3 +48,16 @@ def lm_dataset(tiny_tokenizer, alpaca_records):
     """A tokenised causal-LM dataset (input_ids / labels) of 64 Alpaca records (128 tokens: the
     Alpaca header alone is about 60 tokens of the tiny tokenizer)."""
     return testing.lm_dataset(tiny_tokenizer, alpaca_records[:64])
+
+
+@pytest.fixture
+def gloo_world_of_one():
+    """A one-process gloo group, for code that looks at torch.distributed (DDP, fully_shard) in-process."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group()

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-from pathlib import Path
 
 import pytest
 
@@ -21,24 +19,14 @@ from safetensors.torch import load_file  # noqa: E402
 
 from loraforge import testing  # noqa: E402
 
-TINY = Path(__file__).resolve().parents[1] / "example_configs" / "axolotl" / "tiny"
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 PREFIX = "base_model.model."
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    from loraforge.cora.extract import extract_basis
-
-    root = tmp_path_factory.mktemp("axolotl_qlora")
-    testing.save_tiny_model(root / "tiny-model")
-    with open(root / "alpaca.jsonl", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in testing.alpaca_records())
-    tuned = [testing.save_tiny_model(root / f"tuned-{i}", seed=i) for i in (1, 2, 3)]
-    extract_basis(tuned, 4, ATTENTION, str(root / "cora-basis.safetensors"), progress=False)
-    for path in TINY.glob("*.yaml"):
-        shutil.copy(path, root)
-    return root
+    """What the tiny YAMLs' headers tell a user to prepare: model, data, CoRA basis."""
+    return testing.axolotl_workdir(tmp_path_factory.mktemp("axolotl_qlora"), ATTENTION)
 
 
 def _train(workdir, name, monkeypatch):

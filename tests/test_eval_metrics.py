@@ -8,7 +8,6 @@ import json
 import math
 import random
 import time
-from pathlib import Path
 
 import kenlm
 import pytest

@@ -151,26 +151,17 @@ def test_the_papers_rule_ascends_lambda_by_the_squared_violation():
     assert reg_terms[3] == 0.0 and reg_terms[4] > 0  # the term is in the loss from the window on, λ·(C-b)²
 
 
-def test_the_schedule_control_is_refused_on_fsdp_sharded_gate_logits_and_the_paper_rule_trains():
+def test_the_schedule_control_is_refused_on_fsdp_sharded_gate_logits_and_the_paper_rule_trains(gloo_world_of_one):
     """The schedule moves every logit from C over all of them; on FSDP2 shards it would solve per shard."""
-    import socket
-
     from torch.distributed.fsdp import fully_shard
 
     from loraforge.core.config import ForgeConfigError
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    try:
-        for control in ("schedule", "paper"):
-            model, _ = tiny(0, window_start=2, window_end=6, budget_control=control)
-            fully_shard(model)
-            if control == "schedule":
-                with pytest.raises(ForgeConfigError, match="^budget_control: 'schedule' does not run on fsdp2"):
-                    loraforge.driver(model).begin(10)
-            else:
-                loraforge.driver(model).begin(10)  # the paper rule reads the logits through core/sharding.py
-    finally:
-        torch.distributed.destroy_process_group()
+    for control in ("schedule", "paper"):
+        model, _ = tiny(0, window_start=2, window_end=6, budget_control=control)
+        fully_shard(model)
+        if control == "schedule":
+            with pytest.raises(ForgeConfigError, match="^budget_control: 'schedule' does not run on fsdp2"):
+                loraforge.driver(model).begin(10)
+        else:
+            loraforge.driver(model).begin(10)  # the paper rule reads the logits through core/sharding.py

@@ -24,7 +24,6 @@ import torch
 
 from . import sharding
 from .layer import ADAPTER_GENERATION, LIVE_LAYERS, ForgeLinear, module_order
-from .quantized import stored_shape
 
 
 class Controller:

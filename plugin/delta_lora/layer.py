@@ -29,7 +29,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import BufferDict
-from peft.utils.other import transpose
 
 from ..core import sharding
 from ..core.config import ForgeConfigError
