@@ -67,7 +67,9 @@ def _trainer(workdir, monkeypatch, keys: dict):
     monkeypatch.chdir(workdir)
     cfg = load_cfg(str(workdir / "salora.yaml"), optimizer="sgd", learning_rate=0.01, warmup_steps=2,
                    max_steps=STEPS, lora_target_linear=False, lora_target_modules=["q_proj", "v_proj"],
-                   salora__gate_lr=GATE_LR, salora__window_start=0, salora__window_end=STEPS, **keys)
+                   salora__gate_lr=GATE_LR, salora__window_start=0, salora__window_end=STEPS,
+                   salora__budget_control="paper",  # the schedule control also moves the gates after the step
+                   **keys)
     model, _ = LoraForgePlugin().load_adapter(testing.tiny_llama(0), cfg)
     tok = testing.tiny_tokenizer()
     data = testing.lm_dataset(tok, testing.alpaca_records()[:8])
