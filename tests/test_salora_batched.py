@@ -50,8 +50,9 @@ def test_orthogonal_term_and_its_gradient_equal_the_per_layer_formula(ranks):
     torch.testing.assert_close(got.double(), ref.detach(), rtol=1e-6, atol=0)
     got.backward()
     for (a, b), (ra, rb) in zip(factors, ref_leaves):
-        torch.testing.assert_close(a.grad.double(), ra.grad, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(b.grad.double(), rb.grad, rtol=1e-5, atol=1e-6)
+        # float32 round-off is relative to the gradient's scale, not to each entry: a few ulps of the largest
+        for g, ref in ((a.grad, ra.grad), (b.grad, rb.grad)):
+            torch.testing.assert_close(g.double(), ref, rtol=1e-5, atol=2e-6 * float(ref.abs().max()))
 
 
 def test_orthogonal_term_of_bf16_factors_is_computed_in_float32():

@@ -189,7 +189,8 @@ class SaLoRAController(Controller):
         self._weights: dict = {}  # rank_weight shaped like `sampler.logits()`, per device
         self.sampler = GateSampler(self.axes)  # all layers' gates in one draw per forward
         self._last_density: Optional[torch.Tensor] = None
-        self._logits_before: Optional[list[torch.Tensor]] = None
+        self._snapshot: Optional[list[torch.Tensor]] = None  # the logits before the step ("schedule")
+        self._snapshot_valid = False
         self.sync()
 
     # state -----------------------------------------------------------------------------------
@@ -230,7 +231,8 @@ class SaLoRAController(Controller):
 
     def _write_lambda(self) -> None:
         bufs = [a.layer.lora_salora_lambda[self.adapter] for a in self.axes]
-        torch._foreach_copy_(bufs, [self.lam_state.to(b.device) for b in bufs])
+        src = self.lam_state
+        torch._foreach_copy_(bufs, [src if b.device == src.device else src.to(b.device) for b in bufs])
 
     def in_window(self) -> bool:
         return not self.frozen and 0 <= self.start <= self.step < self.end
@@ -251,9 +253,9 @@ class SaLoRAController(Controller):
         return ([sharding.whole(a.layer, "lora_A", self.adapter) for a in self.axes],
                 [sharding.whole(a.layer, "lora_B", self.adapter) for a in self.axes])
 
-    def orth_loss(self) -> torch.Tensor:
-        """Σ_i ||B_iᵀB_i - I||_F² + ||A_iA_iᵀ - I||_F² (summed, float32), batched over same-shape factors."""
-        return orth_penalty(*self.factors())
+    def orth_loss(self, scale: float = 1.0) -> torch.Tensor:
+        """scale · Σ_i ||B_iᵀB_i - I||_F² + ||A_iA_iᵀ - I||_F² (float32), batched over same-shape factors."""
+        return orth_penalty(*self.factors(), scale=scale)
 
     # protocol --------------------------------------------------------------------------------
     def begin(self, max_steps: Optional[int]) -> None:
@@ -281,10 +283,8 @@ class SaLoRAController(Controller):
         cfg = self.config
         loss = None
         if cfg.orth_reg_weight:
-            orth = self.orth_loss()
-            if cfg.orth_reg_reduction == "mean":
-                orth = orth / len(self.axes)
-            loss = cfg.orth_reg_weight * orth
+            k = len(self.axes) if cfg.orth_reg_reduction == "mean" else 1
+            loss = self.orth_loss(scale=cfg.orth_reg_weight / k)  # β·R_orth (/ K): the scale applied inside
         if self.in_window():
             if cfg.budget_control == "paper":
                 density = self.expected_density()
@@ -297,8 +297,22 @@ class SaLoRAController(Controller):
                 loss = term if loss is None else loss + term
             else:
                 # "schedule": no term in the loss, the budget step follows the optimizer's (`_step_schedule`)
-                self._logits_before = [a.log_alpha.detach().clone() for a in self.axes]
+                self._take_snapshot()
         return loss
+
+    @torch.no_grad()
+    def _take_snapshot(self) -> None:
+        """The logits before the optimizer step, concatenated into one buffer kept for the run (one op)."""
+        logits = [a.log_alpha for a in self.axes]
+        if len({(x.device, x.dtype) for x in logits}) > 1:
+            self._snapshot, self._snapshot_valid = torch.cat([x.detach().float().to(logits[0].device) for x in logits]), True
+            return
+        n = sum(x.numel() for x in logits)
+        if self._snapshot is None or self._snapshot.numel() != n or self._snapshot.device != logits[0].device \
+                or self._snapshot.dtype != logits[0].dtype:
+            self._snapshot = torch.empty(n, dtype=logits[0].dtype, device=logits[0].device)
+        torch.cat(logits, out=self._snapshot)
+        self._snapshot_valid = True
 
     # the budget control ----------------------------------------------------------------------
     def target_at(self, step: int) -> float:
@@ -318,54 +332,64 @@ class SaLoRAController(Controller):
         """After the optimizer moved the logits (by the task's gradient alone): scale that move by
         `gate_gain`, then move the logits along -∂C/∂logit by the multiplier μ that lands C exactly on b_t
         (the gradient step of μ·(C - b_t) whose μ is solved by Newton on the monotone C(μ) rather than
-        ascended), and in the hold also sharpen them (away from the ĝ > 0 threshold, C kept on b_t)."""
+        ascended), and in the hold also sharpen them (away from the ĝ > 0 threshold, C kept on b_t).
+        All of it runs on the logits concatenated into one float32 vector, written back to the layers by
+        one multi-tensor copy: the op count does not grow with the number of layers."""
         cfg = self.config
-        before, self._logits_before = self._logits_before, None
         logits = [a.log_alpha.data for a in self.axes]
+        la = torch.cat([x.float().to(logits[0].device) for x in logits]) \
+            if len({(x.device, x.dtype) for x in logits}) > 1 or logits[0].dtype != torch.float32 else torch.cat(logits)
         gain = self.gate_gain()
-        if before is not None and gain > 1.0:
-            torch._foreach_add_(logits, torch._foreach_sub(logits, before), alpha=gain - 1.0)
+        if self._snapshot_valid and gain > 1.0:
+            la = torch.lerp(self._snapshot.to(la), la, gain)  # snapshot + gain · (the optimizer's move)
+        self._snapshot_valid = False
         target = self.target_at(step)
-        mu = self._land(logits, target)
-        lam = self.lam_state
-        lam[0] = lam[0] + mu.to(lam.device)  # Λ: the multiplier summed over the window (rises, then settles)
-        lam[1] = mu.to(lam.device)           # μ of this step
+        la, mu = self._land(la, target)
+        # Λ (the multiplier summed over the window: rises, then settles) and μ of this step, in one op.
+        lam, mu = self.lam_state, mu.to(self.lam_state.device)
+        lam.copy_(torch.stack((lam[0] + mu, mu)))
         window = self.end - self.start
         if step - self.start > window * SCHEDULE_END:
             threshold = math.log(-cfg.gamma / cfg.zeta)  # ĝ > 0 ⟺ logit > log(-γ/ζ)
             factor = SHARPEN ** (1.0 / max(1.0, window * (1.0 - SCHEDULE_END)))
-            torch._foreach_mul_(logits, factor)
-            torch._foreach_add_(logits, threshold * (1.0 - factor))
-            self._land(logits, target)  # part of the sharpening, not of the multiplier's work
+            la = (la - threshold).mul_(factor).add_(threshold)
+            la, _ = self._land(la, target)  # part of the sharpening, not of the multiplier's work
+        sizes = self.sampler.sizes
+        parts = la.view(len(sizes), sizes[0]).unbind(0) if self.sampler.same_rank else la.split(sizes)
+        torch._foreach_copy_(logits, list(parts))
 
-    def _land(self, logits: list[torch.Tensor], target: float) -> torch.Tensor:
-        """Move `logits` in place by -μ·∂C/∂logit, scaled so the largest move is |μ| <= 1 logit unit, with μ
-        such that C = target (or as near as one such step gets); return μ.
+    def _land(self, la: torch.Tensor, target: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """`la` (all logits, float32) moved by -μ·∂C/∂logit, scaled so the largest move is |μ| <= 1 logit
+        unit, with μ such that C = target (or as near as one such step gets); returns (moved logits, μ).
 
         μ solves the monotone C(μ) = target by Newton safeguarded with bisection on [-1, 1] (a plain Newton
         step diverges where the sigmoids saturate), a fixed number of iterations: no host sync."""
         cfg = self.config
-        la = torch.cat([x.float() for x in logits])
-        weight = self.rank_weight.to(la.device)
+        weight = self._rank_weight_on(la.device)  # (d_in + d_out) / Σ, so C = weight · P(g > 0)
         shift = cfg.temperature * math.log(-cfg.gamma / cfg.zeta)
-        p = torch.sigmoid(la - shift)
-        direction = p * (1 - p) * weight
-        direction = direction / direction.max().clamp_min(1e-30)
-        lo, hi = torch.full((), -1.0, device=la.device), torch.full((), 1.0, device=la.device)
-        mu = torch.zeros((), device=la.device)
+        shifted = la - shift
+        p = torch.sigmoid(shifted)
+        direction = torch.addcmul(p, p, p, value=-1.0).mul_(weight)  # p (1 - p) w: -∂C/∂logit
+        direction.div_(direction.max().clamp_min_(1e-30))
+        slope_weight = direction * weight
+        # Device scalars (fills, no host copy); Python numbers only where an op takes them as arguments.
+        lo, hi, mu, goal = (torch.full((), v, device=la.device) for v in (-1.0, 1.0, 0.0, target))
         for _ in range(NEWTON_STEPS):
-            q = torch.sigmoid(la - mu * direction - shift)
-            gap = (q * weight).sum() / self.total_weight - target  # decreasing in μ
-            slope = (q * (1 - q) * direction * weight).sum() / self.total_weight  # -dC/dμ >= 0
-            lo, hi = torch.where(gap > 0, mu, lo), torch.where(gap > 0, hi, mu)
-            step = mu + gap / slope.clamp_min(1e-12)
-            mu = torch.where((step >= lo) & (step <= hi), step, (lo + hi) / 2)  # at the root, step == mu
-        moved = (mu * direction).to(logits[0].dtype)
-        offset = 0
-        for x in logits:
-            x.sub_(moved[offset:offset + x.numel()].to(x.device))
-            offset += x.numel()
-        return mu
+            q = torch.sigmoid(torch.addcmul(shifted, mu, direction, value=-1.0))
+            density = torch.dot(q, weight)  # C(μ), decreasing in μ
+            slope = torch.dot(torch.addcmul(q, q, q, value=-1.0), slope_weight)  # -dC/dμ >= 0
+            above = density > goal
+            lo, hi = torch.where(above, mu, lo), torch.where(above, hi, mu)
+            step = mu + (density - goal) / slope.clamp_min(1e-12)
+            mu = torch.where((step >= lo) & (step <= hi), step, torch.lerp(lo, hi, 0.5))  # at the root, step == mu
+        return torch.addcmul(la, mu, direction, value=-1.0), mu
+
+    def _rank_weight_on(self, device: torch.device) -> torch.Tensor:
+        key = ("flat", device)
+        weight = self._weights.get(key)
+        if weight is None:
+            weight = self._weights[key] = (self.rank_weight / self.total_weight).to(device)
+        return weight
 
     def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
         return [{"params": [a.log_alpha for a in self.axes], "lr": self.config.gate_lr, "weight_decay": 0.0,
@@ -394,7 +418,7 @@ class SaLoRAController(Controller):
                 self._step_schedule(step)
             self._write_lambda()
         self._last_density = None
-        self._logits_before = None
+        self._snapshot_valid = False
         if not self.frozen and self.start >= 0 and step >= self.end:
             freeze_gates(self.axes, self.config.prune_budget)
             self.frozen = self.config.prune_budget

@@ -1,9 +1,10 @@
 """SaLoRA's orthogonal regulariser `Σ_i ||B_iᵀB_i - I||_F² + ||A_i A_iᵀ - I||_F²`, batched over layers.
 
 Per layer it is a handful of tiny ops, forward and backward; a model with K adapted layers would
-launch them K times a step. Here the factors of one shape (and dtype, device) are stacked and their
-Gram matrices taken by one batched matmul, so the op count grows with the number of distinct shapes
-(a Llama has five: A of width d_model or d_ff; B of height d_model, d_kv or d_ff), not with depth.
+launch them K times a step. Here the factors of one shape (and dtype, device) are stacked and
+`M Mᵀ - I` of all of them is one batched product (`baddbmm` onto -I), and the squared norms of all
+groups are one dot product, so the op count grows with the number of distinct shapes (a Llama has
+five: A of width d_model or d_ff; B of height d_model, d_kv or d_ff), not with depth.
 One autograd function for all of them, with the analytic gradient `d/dM ||M Mᵀ - I||² = 4 (M Mᵀ - I) M`
 in backward: autograd through the same ops would add, per group, the backward of every op and, per
 factor, a copy of its gradient slice; here each factor's gradient is one row of one batched product.
@@ -13,6 +14,16 @@ The stacks are rebuilt in backward rather than saved, so the regulariser holds n
 from __future__ import annotations
 
 import torch
+
+_NEG_EYE: dict = {}
+
+
+def _neg_eye(r: int, device: torch.device) -> torch.Tensor:
+    """-I (r × r, float32), made once per size and device (it broadcasts over a stack)."""
+    key = (r, device)
+    if key not in _NEG_EYE:
+        _NEG_EYE[key] = -torch.eye(r, dtype=torch.float32, device=device)
+    return _NEG_EYE[key]
 
 
 def _groups(mats: list[torch.Tensor], n_a: int) -> list[list[int]]:
@@ -30,53 +41,52 @@ def _stack(mats, idx: list[int]) -> torch.Tensor:
 
 def _grams(x: torch.Tensor, wide: bool) -> torch.Tensor:
     """M Mᵀ - I per matrix of the stack; M = x (r × d) if `wide` (an A), else xᵀ (x is d × r, a B)."""
-    g = torch.bmm(x, x.mT) if wide else torch.bmm(x.mT, x)
-    g.diagonal(0, -2, -1).sub_(1.0)
-    return g
+    if wide:
+        return torch.baddbmm(_neg_eye(x.shape[1], x.device), x, x.mT)
+    return torch.baddbmm(_neg_eye(x.shape[2], x.device), x.mT, x)
+
+
+def _squared_norm(grams: list[torch.Tensor]) -> torch.Tensor:
+    """Σ ||G||_F² over all `grams`, one dot product per device, summed on the first one's device."""
+    by_device: dict = {}
+    for g in grams:
+        by_device.setdefault(g.device, []).append(g.view(-1))
+    parts = [torch.dot(v[0], v[0]) if len(v) == 1 else torch.dot(*(2 * [torch.cat(v)])) for v in by_device.values()]
+    return parts[0] if len(parts) == 1 else sum(p.to(grams[0].device) for p in parts)
 
 
 class _OrthPenalty(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, n_a: int, *mats: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, n_a: int, scale: float, *mats: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=mats[0].device.type, enabled=False):
             groups = _groups(list(mats), n_a)
-            grams, parts = [], []
-            for idx in groups:
-                g = _grams(_stack(mats, idx), wide=idx[0] < n_a)
-                grams.append(g)
-                v = g.view(-1)
-                parts.append(torch.dot(v, v))
-            device = mats[0].device
-            if len(parts) == 1:
-                total = parts[0]
-            elif all(p.device == device for p in parts):
-                total = torch.stack(parts).sum()
-            else:
-                total = sum(p.to(device) for p in parts)
-        ctx.n_a, ctx.groups = n_a, groups
+            grams = [_grams(_stack(mats, idx), wide=idx[0] < n_a) for idx in groups]
+            total = _squared_norm(grams)
+        ctx.n_a, ctx.scale, ctx.groups = n_a, scale, groups
         ctx.save_for_backward(*mats, *grams)
-        return total
+        return total if scale == 1.0 else total * scale
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         saved = ctx.saved_tensors
         mats, grams = saved[:len(saved) - len(ctx.groups)], saved[len(saved) - len(ctx.groups):]
         out: list = [None] * len(mats)
-        scale = grad * 4  # d/dA ||A Aᵀ - I||² = 4 (A Aᵀ - I) A;  d/dB ||BᵀB - I||² = 4 B (BᵀB - I)
+        # d/dA ||A Aᵀ - I||² = 4 (A Aᵀ - I) A;  d/dB ||BᵀB - I||² = 4 B (BᵀB - I)
+        coef = grad * (4.0 * ctx.scale)
         with torch.autocast(device_type=mats[0].device.type, enabled=False):
             for idx, g in zip(ctx.groups, grams):
-                if not any(ctx.needs_input_grad[1 + i] for i in idx):
+                if not any(ctx.needs_input_grad[2 + i] for i in idx):
                     continue
                 x = _stack(mats, idx)
                 gx = (torch.bmm(g, x) if idx[0] < ctx.n_a else torch.bmm(x, g)).mul_(
-                    scale if scale.device == x.device else scale.to(x.device))
+                    coef if coef.device == x.device else coef.to(x.device))
                 dtype = mats[idx[0]].dtype
                 for i, gi in zip(idx, (gx if gx.dtype == dtype else gx.to(dtype)).unbind(0)):
                     out[i] = gi
-        return (None, *out)
+        return (None, None, *out)
 
 
-def orth_penalty(a_factors: list[torch.Tensor], b_factors: list[torch.Tensor]) -> torch.Tensor:
-    """`Σ_i ||A_i A_iᵀ - I||_F² + ||B_iᵀB_i - I||_F²` (float32 scalar, on the first factor's device);
-    A_i is r × d_in, B_i is d_out × r."""
-    return _OrthPenalty.apply(len(a_factors), *a_factors, *b_factors)
+def orth_penalty(a_factors: list[torch.Tensor], b_factors: list[torch.Tensor], scale: float = 1.0) -> torch.Tensor:
+    """`scale · Σ_i ||A_i A_iᵀ - I||_F² + ||B_iᵀB_i - I||_F²` (float32 scalar, on the first factor's device);
+    A_i is r × d_in, B_i is d_out × r. `scale` (β, or β/K) is applied inside, forward and backward alike."""
+    return _OrthPenalty.apply(len(a_factors), float(scale), *a_factors, *b_factors)
