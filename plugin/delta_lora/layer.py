@@ -157,9 +157,17 @@ class DeltaPropagation(Axis):
         if self.applied is None or self.applied_snapshot is not None:
             return self._write_difference(self.target())  # after an interrupted load: the general path
         b, a = self.factors()
-        self._add_to_weight([(1.0, b, a), (-1.0, *self.applied)])
-        self.applied[0].copy_(b)
-        self.applied[1].copy_(a)
+        w, (b_old, a_old) = self.layer.get_base_layer().weight, self.applied
+        if sharding.engine(w) is None and w.dtype not in _HALF and w.dtype == b.dtype == a.dtype == b_old.dtype:
+            # W += coef·(B A - B_old A_old) as two accumulating products into W: no d_out × d_in temporary,
+            # no stacked copies (the rounding is that of the stacked product: eps·|W| per write).
+            if self.layer.fan_in_fan_out:  # W is stored as (B A)ᵀ = Aᵀ Bᵀ
+                w.data.addmm_(a.T, b.T, alpha=self.coef).addmm_(a_old.T, b_old.T, alpha=-self.coef)
+            else:
+                w.data.addmm_(b, a, alpha=self.coef).addmm_(b_old, a_old, alpha=-self.coef)
+        else:
+            self._add_to_weight([(1.0, b, a), (-1.0, b_old, a_old)])
+        torch._foreach_copy_([b_old, a_old], [b, a])
 
     def _applied_terms(self, sign: float = -1.0) -> list:
         if self.applied is None:
@@ -342,8 +350,8 @@ class _FoldedBranch(torch.autograd.Function):
 
     @staticmethod
     def _stacked(a, b, ak, bk, s: float, lam: float, dtype):
-        a2 = torch.cat([a.to(dtype), ak.to(dtype)], 0)
-        b2 = torch.cat([b.to(dtype) * ((1 + lam) * s), bk.to(dtype) * (-lam * s)], 1)
+        a2 = torch.cat([_as(a, dtype), _as(ak, dtype)], 0)
+        b2 = torch.cat([_as(b, dtype) * ((1 + lam) * s), _as(bk, dtype) * (-lam * s)], 1)
         return a2, b2
 
     @staticmethod
@@ -363,10 +371,14 @@ class _FoldedBranch(torch.autograd.Function):
         gu2 = g.matmul(b2)  # d out / d [A; A_K] x
         gx = gu2.matmul(a2) if ctx.needs_input_grad[0] else None
         # LoRA's own gradients, d(s·B A x)/dA and /dB; gu2[..., :r] = (1+λ)·s·g B.
-        ga = (gu2[..., :r].reshape(-1, r) / (1 + ctx.lam)).t().matmul(x.reshape(-1, x.shape[-1]).to(dt)) \
+        ga = (gu2[..., :r].reshape(-1, r) / (1 + ctx.lam)).t().matmul(_as(x.reshape(-1, x.shape[-1]), dt)) \
             if ctx.needs_input_grad[1] else None
-        gb = g.reshape(-1, g.shape[-1]).t().matmul(u.reshape(-1, r).to(dt)) * ctx.s if ctx.needs_input_grad[2] else None
+        gb = g.reshape(-1, g.shape[-1]).t().matmul(_as(u.reshape(-1, r), dt)) * ctx.s if ctx.needs_input_grad[2] else None
         return gx, ga, gb, None, None, None, None
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)  # skips the no-op dispatch: this runs per layer and step
 
 
 def _cancel_equal(terms):
