@@ -20,7 +20,8 @@ steps (nothing calls `log_values`). Printed per method:
   printed with its ratio to LoRA (median of the per-round ratios).
 
 Methods: lora; salora_before (before the window: g = 1), salora_in (inside the window: gates sampled,
-budget term, λ ascent), salora_after (gates frozen); delta_folded, delta_in_place (start_step=0);
+the default budget control "schedule": the multiplier solved after each step), salora_in_paper (inside
+the window with budget_control="paper": the budget term in the loss, λ ascent), salora_after (gates frozen); delta_folded, delta_in_place (start_step=0);
 cora_fb, cora_tb.
 
     python benchmarks/bench_ops.py                      # 4-layer hidden-256 Llama, 6 targets, r 8, CPU
@@ -47,7 +48,7 @@ import loraforge  # noqa: E402
 from loraforge import testing  # noqa: E402
 
 FAR = 10 ** 6
-METHODS = ["lora", "salora_before", "salora_in", "salora_after", "delta_folded", "delta_in_place", "cora_fb", "cora_tb"]
+METHODS = ["lora", "salora_before", "salora_in", "salora_in_paper", "salora_after", "delta_folded", "delta_in_place", "cora_fb", "cora_tb"]
 PRESETS = {
     "cpu": dict(device="cpu", dtype="float32", hidden=256, layers=4, seq=64, batch=2, r=8, rounds=30, threads=1,
                 targets="q_proj,k_proj,v_proj,o_proj,up_proj,down_proj"),
@@ -91,6 +92,8 @@ def config_for(name: str, p: dict, basis: str):
         return loraforge.SaLoRAConfig(**common, window_start=FAR, window_end=2 * FAR)
     if name in ("salora_in", "salora_after"):
         return loraforge.SaLoRAConfig(**common, window_start=0, window_end=2 * FAR)
+    if name == "salora_in_paper":
+        return loraforge.SaLoRAConfig(**common, window_start=0, window_end=2 * FAR, budget_control="paper")
     if name.startswith("delta"):
         return loraforge.DeltaLoRAConfig(**common, start_step=0, update_ratio=0.5,
                                          propagation="folded" if name == "delta_folded" else "in_place")

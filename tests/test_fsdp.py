@@ -28,7 +28,10 @@ import torch
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "fsdp_worker.py"
 CASES = ["salora", "delta_in_place", "delta_folded"]
-TOL = 1e-5
+# The ranks reduce gradients in another order than one process does, and Adam divides each entry by its own
+# magnitude, so that float32 noise moves an entry with a small gradient by a small share of a step (lr 1e-2):
+# 1.7e-5 seen on one CPU after 8 steps (0.2% of one step). A wrong update would be off by a whole step.
+TOL = 5e-5
 
 
 def _free_port() -> int:

@@ -159,12 +159,12 @@ class DeltaPropagation(Axis):
         b, a = self.factors()
         w, (b_old, a_old) = self.layer.get_base_layer().weight, self.applied
         if sharding.engine(w) is None and w.dtype not in _HALF and w.dtype == b.dtype == a.dtype == b_old.dtype:
-            # W += coef·(B A - B_old A_old) as two accumulating products into W: no d_out × d_in temporary,
-            # no stacked copies (the rounding is that of the stacked product: eps·|W| per write).
+            # W += coef·[B, B_old] [A; -A_old]: one rank-2r product accumulated into W (the difference is formed
+            # inside the product, as in `_add_to_weight`, but with no d_out × d_in temporary).
+            left, right = torch.cat([b, b_old], 1), torch.cat([a, a_old.neg()], 0)
             if self.layer.fan_in_fan_out:  # W is stored as (B A)ᵀ = Aᵀ Bᵀ
-                w.data.addmm_(a.T, b.T, alpha=self.coef).addmm_(a_old.T, b_old.T, alpha=-self.coef)
-            else:
-                w.data.addmm_(b, a, alpha=self.coef).addmm_(b_old, a_old, alpha=-self.coef)
+                left, right = right.T, left.T
+            w.data.addmm_(left, right, alpha=self.coef)
         else:
             self._add_to_weight([(1.0, b, a), (-1.0, b_old, a_old)])
         torch._foreach_copy_([b_old, a_old], [b, a])
