@@ -8,8 +8,10 @@ steps (nothing calls `log_values`). Printed per method:
 
 - aten ops per step: every `aten::` event torch.profiler records in a step (nested ones included),
   the per-op cost of small models; "kernel ops" leaves out the ops that only make views, read
-  metadata or dispatch to another op (`_VIEWS`), a proxy for the kernels a GPU would launch; the
-  GPU preset also counts the kernel launches themselves (`cudaLaunchKernel`);
+  metadata or dispatch to another op (`_VIEWS`); "launches (est.)" counts, from the same events, the
+  kernels a GPU would launch (`launch_estimate`: innermost non-view ops, a multi-tensor op once, which
+  on the CPU runs as one nested op per tensor); the GPU preset also counts the kernel launches
+  themselves (`cudaLaunchKernel`);
 - host reads per step: calls that copy a tensor's value to Python (`item`, `float(t)`, `int(t)`,
   `bool(t)`, `tolist`, ...), counted by a `TorchFunctionMode`; on the GPU each is a stall of the
   queue (AdamW's step counters are left out: they stay on the host on a GPU too). The GPU preset also counts the synchronisations torch.cuda reports
@@ -131,12 +133,40 @@ class Run:
         self.optimizer.zero_grad(set_to_none=True)
 
 
-def count_ops(run: Run, steps: int, device: torch.device) -> tuple[float, float, float]:
-    """(aten ops, kernel ops, CUDA kernel launches; nan on the CPU) per step."""
+def launch_estimate(events) -> int:
+    """Kernels a GPU would launch for these profiler events: the innermost aten ops that are no view,
+    allocation or metadata op (`_VIEWS`), a multi-tensor op (`_foreach_*`, `_fused_*`) counted once
+    (on the CPU it loops over its tensors as nested ops; on a GPU it is one multi-tensor launch per
+    chunk of tensors), host reads left out (counted apart)."""
+    count = 0
+    for e in events:
+        name = e.name[6:] if e.name.startswith("aten::") else None
+        if name is None or name in _VIEWS or name == "_local_scalar_dense":
+            continue
+        parent, inside_multi, outer = e.cpu_parent, False, e
+        while parent is not None:
+            inside_multi |= parent.name.startswith(("aten::_foreach_", "aten::_fused_"))
+            outer = parent if parent.name.startswith("aten::") else outer
+            parent = parent.cpu_parent
+        if inside_multi:
+            continue
+        # A Python number in an elementwise op (`x * 0.5`) becomes a 0-dim CPU tensor that the CPU kernel
+        # converts with a nested copy; a GPU kernel takes it as an argument.
+        if name == "copy_" and outer is not e and outer.name not in ("aten::to", "aten::_to_copy", "aten::copy_") \
+                and all(not shape for shape in (e.input_shapes or [[1]])):
+            continue
+        multi = name.startswith(("_foreach_", "_fused_"))
+        leaf = not any(c.name.startswith("aten::") and c.name[6:] not in _VIEWS for c in e.cpu_children)
+        count += multi or leaf
+    return count
+
+
+def count_ops(run: Run, steps: int, device: torch.device) -> tuple[float, float, float, float]:
+    """(aten ops, kernel ops, estimated GPU launches, CUDA kernel launches; nan on the CPU) per step."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=True) as prof:
         for _ in range(steps):
             run.step()
         sync(device)
@@ -144,7 +174,7 @@ def count_ops(run: Run, steps: int, device: torch.device) -> tuple[float, float,
     aten = [e for e in events if e.key.startswith("aten::")]
     launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
     return (sum(e.count for e in aten) / steps, sum(e.count for e in aten if e.key[6:] not in _VIEWS) / steps,
-            launches / steps if device.type == "cuda" else float("nan"))
+            launch_estimate(prof.events()) / steps, launches / steps if device.type == "cuda" else float("nan"))
 
 
 def count_reads(run: Run, steps: int, device: torch.device) -> tuple[float, float]:
@@ -229,12 +259,12 @@ def main(argv: list[str] | None = None) -> int:
     for n in names:
         r = sorted(ratios[n])
         q1, q3 = r[len(r) // 4], r[(3 * len(r)) // 4]
-        (a, k, l), (a0, k0, l0) = ops[n], ops["lora"]
-        rows.append([n, f"{a:.0f}", f"{a / a0:.3f}", f"{k:.0f}", f"{k / k0:.3f}",
+        (a, k, e, l), (a0, k0, e0, l0) = ops[n], ops["lora"]
+        rows.append([n, f"{a:.0f}", f"{a / a0:.3f}", f"{k:.0f}", f"{k / k0:.3f}", f"{e:.0f}", f"{e / e0:.3f}",
                      *([f"{l:.0f}", f"{l / l0:.3f}"] if cuda else []), f"{reads[n][0]:.1f}",
                      *([f"{reads[n][1]:.1f}"] if cuda else []),
                      f"{median(runs[n].times) * 1e3:.2f}", f"{median(ratios[n]):.3f}", f"[{q1:.3f}, {q3:.3f}]"])
-    print(table(rows, ["method", "aten ops/step", "×LoRA", "kernel ops/step", "×LoRA",
+    print(table(rows, ["method", "aten ops/step", "×LoRA", "kernel ops/step", "×LoRA", "launches (est.)", "×LoRA",
                        *(["CUDA launches/step", "×LoRA"] if cuda else []), "host reads/step",
                        *(["cuda syncs/step"] if cuda else []), "step ms", "time ×LoRA", "IQR"]))
     return 0

@@ -346,7 +346,9 @@ class DeltaPropagation(Axis):
 class _FoldedBranch(torch.autograd.Function):
     """`s·B A x + λ·s·(B A - B_K A_K) x` with the gradients of `s·B A x` for A and B (and the true
     gradient for x): one rank-2r product `[(1+λ)s·B, -λs·B_K] [A; A_K] x`. The stacked factors are
-    rebuilt in backward rather than saved: saving them would cost 2× the adapter's size in memory."""
+    saved for backward (2× the adapter's size, held from forward to backward: 80 MB for r = 8 on all
+    linears of a 7B model in bf16) rather than rebuilt there, which would cost 2 concatenations and 2
+    scalings per layer and step; under autocast backward casts them to the gradient's dtype."""
 
     @staticmethod
     def _stacked(a, b, ak, bk, s: float, lam: float, dtype):
@@ -358,15 +360,15 @@ class _FoldedBranch(torch.autograd.Function):
     def forward(ctx, x, a, b, ak, bk, s: float, lam: float):
         a2, b2 = _FoldedBranch._stacked(a, b, ak, bk, s, lam, a.dtype)
         u2 = x.matmul(a2.t())
-        ctx.save_for_backward(x, u2[..., : a.shape[0]].contiguous(), a, b, ak, bk)
+        ctx.save_for_backward(x, u2[..., : a.shape[0]].contiguous(), a2, b2)
         ctx.s, ctx.lam = s, lam
         return u2.matmul(b2.t())
 
     @staticmethod
     def backward(ctx, g):
-        x, u, a, b, ak, bk = ctx.saved_tensors
+        x, u, a2, b2 = ctx.saved_tensors
         dt = g.dtype  # under autocast the forward ran in lower precision; autograd casts the grads back
-        a2, b2 = _FoldedBranch._stacked(a, b, ak, bk, ctx.s, ctx.lam, dt)
+        a2, b2 = _as(a2, dt), _as(b2, dt)
         r = u.shape[-1]
         gu2 = g.matmul(b2)  # d out / d [A; A_K] x
         gx = gu2.matmul(a2) if ctx.needs_input_grad[0] else None
