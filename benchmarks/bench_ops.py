@@ -27,6 +27,7 @@ the window with budget_control="paper": the budget term in the loss, λ ascent),
 cora_fb, cora_tb.
 
     python benchmarks/bench_ops.py                      # 4-layer hidden-256 Llama, 6 targets, r 8, CPU
+    python benchmarks/bench_ops.py --preset cpu-wide    # the same at hidden 1024, seq 256 (matmuls dominate)
     python benchmarks/bench_ops.py --preset gpu         # 8-layer hidden-1024, bf16, CUDA
     python benchmarks/bench_ops.py --methods salora_in --rounds 10
 """
@@ -54,6 +55,9 @@ METHODS = ["lora", "salora_before", "salora_in", "salora_in_paper", "salora_afte
 PRESETS = {
     "cpu": dict(device="cpu", dtype="float32", hidden=256, layers=4, seq=64, batch=2, r=8, rounds=30, threads=1,
                 targets="q_proj,k_proj,v_proj,o_proj,up_proj,down_proj"),
+    # The per-op overhead is the same as in "cpu", the matmuls 16-32× larger: how much of it a wider model hides.
+    "cpu-wide": dict(device="cpu", dtype="float32", hidden=1024, layers=4, seq=256, batch=2, r=8, rounds=8, threads=1,
+                     targets="q_proj,k_proj,v_proj,o_proj,up_proj,down_proj"),
     "gpu": dict(device="cuda", dtype="bfloat16", hidden=1024, layers=8, seq=512, batch=4, r=16, rounds=30, threads=None,
                 targets="q_proj,k_proj,v_proj,o_proj,up_proj,down_proj"),
 }
