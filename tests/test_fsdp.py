@@ -15,15 +15,13 @@ hold after 8 AdamW steps (SaLoRA's window 2..6 inside the run; Delta-LoRA's K = 
 """
 from __future__ import annotations
 
-import os
 import shutil
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from two_ranks import free_port, load_result, run_beside
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "fsdp_worker.py"
@@ -34,40 +32,19 @@ CASES = ["salora", "delta_in_place", "delta_folded"]
 TOL = 5e-5
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    log = out / "fsdp.log"
-    with open(log, "w") as f:
-        sharded = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                                    "--master_port", str(_free_port()), str(WORKER), str(out), "sharded"],
-                                   env=env, stdout=f, stderr=subprocess.STDOUT)
-        single = subprocess.run([sys.executable, str(WORKER), str(out), "single"], env=env, capture_output=True,
-                                text=True)
-        sharded.wait(timeout=900)
-    assert sharded.returncode == 0, log.read_text()[-4000:]
-    assert single.returncode == 0, (single.stdout + single.stderr)[-4000:]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+              str(WORKER), str(out), "sharded"]
+    run_beside(launch, [sys.executable, str(WORKER), str(out), "single"], out / "fsdp.log", timeout=900)
     yield out
     shutil.rmtree(out, ignore_errors=True)
 
 
-def _load(out: Path, name: str, tag: str) -> dict:
-    error = out / f"{name}.{tag}.error"
-    if error.exists():
-        pytest.fail(f"{name} failed on {tag}:\n{error.read_text()}")
-    return torch.load(out / f"{name}.{tag}.pt", weights_only=False)
-
-
 def _check(runs, name: str, case: str) -> dict:
-    r0, r1 = _load(runs, name, "rank0"), _load(runs, name, "rank1")
-    one = _load(runs, f"single-{case}", "single")
+    r0, r1 = load_result(runs, name, "rank0"), load_result(runs, name, "rank1")
+    one = load_result(runs, f"single-{case}", "single")
     assert r0["steps"] == r1["steps"] == one["steps"] == 8
     assert r0["state"].keys() == r1["state"].keys() == one["state"].keys()
     for key, value in r0["state"].items():
@@ -116,7 +93,7 @@ def test_adapter_saved_under_fsdp_loads_and_exports_in_one_process(runs, engine,
     import loraforge
     from loraforge import testing
 
-    one = _load(runs, f"single-{case}", "single")["state"]
+    one = load_result(runs, f"single-{case}", "single")["state"]
     model = loraforge.load_adapter(testing.tiny_llama(seed=0), str(runs / f"adapter-{engine}-{case}"))
     loaded = {k: v for k, v in [*model.named_parameters(), *model.named_buffers()] if ".lora_" in k}
     if case == "delta_in_place":

@@ -22,15 +22,13 @@ What must hold after 8 optimizer steps:
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from two_ranks import free_port, load_result, run_beside
 from safetensors.torch import load_file
 
 HERE = Path(__file__).resolve().parent
@@ -39,36 +37,15 @@ CASES = ["probe", "salora", "delta_in_place", "delta_folded", "cora_fb"]
 ATOL, RTOL = 1e-5, 1e-4
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                "--main_process_port", str(_free_port())]
-    log = out / "ddp.log"
-    with open(log, "w") as f:
-        ddp = subprocess.Popen([*launcher, str(WORKER), str(out), *CASES, "sharded"], env=env, stdout=f,
-                               stderr=subprocess.STDOUT)
-        single = subprocess.run([sys.executable, str(WORKER), str(out), *CASES], env=env, capture_output=True, text=True)
-        ddp.wait(timeout=600)
-    assert ddp.returncode == 0, log.read_text()[-4000:]
-    assert single.returncode == 0, (single.stdout + single.stderr)[-4000:]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(free_port()), str(WORKER), str(out), *CASES, "sharded"]
+    run_beside(launch, [sys.executable, str(WORKER), str(out), *CASES], out / "ddp.log", timeout=600)
     yield out
     shutil.rmtree(out, ignore_errors=True)
-
-
-def _load(out: Path, case: str, tag: str) -> dict:
-    error = out / f"{case}.{tag}.error"
-    if error.exists():
-        pytest.fail(f"{case} failed on {tag}:\n{error.read_text()}")
-    return torch.load(out / f"{case}.{tag}.pt", weights_only=False)
 
 
 def _initial_base():
@@ -84,7 +61,7 @@ def _base_key(state_key: str) -> str:
 
 @pytest.mark.parametrize("case", CASES)
 def test_ranks_agree_and_match_one_process(runs, case):
-    r0, r1, one = (_load(runs, case, tag) for tag in ("rank0", "rank1", "single"))
+    r0, r1, one = (load_result(runs, case, tag) for tag in ("rank0", "rank1", "single"))
     assert (r0["world_size"], r1["world_size"], one["world_size"]) == (2, 2, 1)
     assert r0["steps"] == r1["steps"] == one["steps"] == 8
     for step, (a, b, c) in enumerate(zip(r0["seen"], r1["seen"], one["seen"], strict=True)):
