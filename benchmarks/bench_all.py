@@ -12,7 +12,7 @@ peak memory and its ratio to plain LoRA; the trainable parameters. Methods:
   adalora         peft.AdaLoraConfig, init_r = r, target_r = r/2, budgeting every step
                   (`update_and_allocate` after each optimizer step): the adaptive-rank peer
   salora_out      SaLoRA before its window (gates off, orthogonal regulariser on)
-  salora_in       SaLoRA inside its window (gates sampled and trained, budget term, λ ascent)
+  salora_in       SaLoRA inside its window (gates sampled and trained, the default budget control)
   delta_folded    Delta-LoRA, propagation="folded" (start_step=0: propagating from the first step)
   delta_in_place  Delta-LoRA, propagation="in_place"
   cora_fb         CoRA with B frozen to a basis (random orthonormal, in CoRA's key scheme)
@@ -48,13 +48,12 @@ from typing import Callable, Optional
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (AllocationTrace, MiB, load_average, median, pick_device, spread, sync, table, threads, timed,  # noqa: E402
-                    trainable_parameters)
+from common import (FAR, AllocationTrace, MiB, load_average, median, method_config, pick_device, round_robin,  # noqa: E402
+                    spread, sync, table, threads, trainable_parameters, write_basis)
 
 import loraforge  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-FAR = 10 ** 6  # a step count no benchmark reaches
 
 PRESETS = {
     # 12.6 M parameters, fp32, one torch thread (timed by its CPU time): ~0.3 s a step, ~3 min in all.
@@ -116,45 +115,10 @@ def base_model(p: dict, device: torch.device) -> torch.nn.Module:
     return model.to(getattr(torch, p["dtype"]))
 
 
-def write_basis(model: torch.nn.Module, r: int, path: str) -> None:
-    """A CoRA basis in its key scheme (module path -> d_out × r orthonormal), random: speed and memory
-    do not depend on which subspace B spans."""
-    from safetensors.torch import save_file
-
-    gen = torch.Generator().manual_seed(0)
-    bases = {}
-    for name, module in model.named_modules():
-        if name.rsplit(".", 1)[-1] in TARGETS:
-            q, _ = torch.linalg.qr(torch.randn(module.out_features, r, generator=gen))
-            bases[name] = q.contiguous()
-    save_file(bases, path)
-
-
-def config_for(name: str, r: int, basis: str):
-    from peft import AdaLoraConfig, LoraConfig
-
-    common = dict(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=TARGETS)
-    if name == "lora":
-        return LoraConfig(**common)
-    if name == "adalora":
-        return AdaLoraConfig(init_r=r, target_r=max(1, r // 2), lora_alpha=2 * r, lora_dropout=0.0,
-                             target_modules=TARGETS, tinit=0, tfinal=0, deltaT=1, total_step=FAR)
-    if name == "salora_out":
-        return loraforge.SaLoRAConfig(**common, window_start=FAR, window_end=2 * FAR)
-    if name == "salora_in":
-        return loraforge.SaLoRAConfig(**common, window_start=0, window_end=FAR)
-    if name.startswith("delta"):
-        return loraforge.DeltaLoRAConfig(**common, start_step=0, update_ratio=0.5,
-                                         propagation="folded" if name == "delta_folded" else "in_place")
-    if name.startswith("cora"):
-        return loraforge.CoRAConfig(**common, basis_path=basis, freeze_b=name == "cora_fb")
-    raise ValueError(f"unknown method {name!r}; choose from {METHODS}")
-
-
 def build(name: str, base: torch.nn.Module, r: int, basis: str, lr: float) -> Run:
     from peft import get_peft_model
 
-    model = get_peft_model(copy.deepcopy(base), config_for(name, r, basis))
+    model = get_peft_model(copy.deepcopy(base), method_config(name, r, TARGETS, basis))
     model.train()
     drivers = loraforge.drivers(model)
     driver = drivers[0] if drivers else None
@@ -281,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     with threads(p.get("threads")), tempfile.TemporaryDirectory() as tmp:
         base = base_model(p, device)
         basis = os.path.join(tmp, "basis.safetensors")
-        write_basis(base, p["r"], basis)
+        write_basis(base, TARGETS, p["r"], basis)
         batch = make_batch(p, device)
         runs = {}
         for name in names:
@@ -291,17 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                     run.step(batch)
             run.resident = trace.net
             runs[name] = run
-        for rnd in range(p["rounds"]):
-            order = names[rnd % len(names):] + names[:rnd % len(names)]
-            for name in order:
-                times = [timed(lambda: runs[name].step(batch), device, thread_time=p.get("threads") == 1)
-                         for _ in range(p["steps"])]
-                runs[name].times += times
-                runs[name].round_medians.append(median(times))
-        for name in names:
-            with AllocationTrace(device) as trace:
-                runs[name].step(batch)
-            runs[name].step_peak = trace.peak
+        round_robin(runs, names, batch, p["rounds"], p["steps"], device, thread_time=p.get("threads") == 1)
         print(load_average())
         ref = runs["lora"]
         ref_mem = ref.resident + ref.step_peak

@@ -45,12 +45,11 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import load_average, median, pick_device, sync, table  # noqa: E402
+from common import FAR, load_average, median, method_config, pick_device, sync, table, write_basis  # noqa: E402
 
 import loraforge  # noqa: E402
 from loraforge import testing  # noqa: E402
 
-FAR = 10 ** 6
 METHODS = ["lora", "salora_before", "salora_in", "salora_in_paper", "salora_after", "delta_folded", "delta_in_place", "cora_fb", "cora_tb"]
 PRESETS = {
     "cpu": dict(device="cpu", dtype="float32", hidden=256, layers=4, seq=64, batch=2, r=8, rounds=30, threads=1,
@@ -88,32 +87,12 @@ class HostReads(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def config_for(name: str, p: dict, basis: str):
-    from peft import LoraConfig
-
-    common = dict(r=p["r"], lora_alpha=2 * p["r"], lora_dropout=0.0, target_modules=p["targets"].split(","))
-    if name == "lora":
-        return LoraConfig(**common)
-    if name == "salora_before":
-        return loraforge.SaLoRAConfig(**common, window_start=FAR, window_end=2 * FAR)
-    if name in ("salora_in", "salora_after"):
-        return loraforge.SaLoRAConfig(**common, window_start=0, window_end=2 * FAR)
-    if name == "salora_in_paper":
-        return loraforge.SaLoRAConfig(**common, window_start=0, window_end=2 * FAR, budget_control="paper")
-    if name.startswith("delta"):
-        return loraforge.DeltaLoRAConfig(**common, start_step=0, update_ratio=0.5,
-                                         propagation="folded" if name == "delta_folded" else "in_place")
-    if name.startswith("cora"):
-        return loraforge.CoRAConfig(**common, basis_path=basis, freeze_b=name == "cora_fb")
-    raise ValueError(f"unknown method {name!r}; choose from {METHODS}")
-
-
 class Run:
     def __init__(self, name: str, base: torch.nn.Module, p: dict, basis: str, batch: dict) -> None:
         from peft import get_peft_model
 
         self.name, self.batch = name, batch
-        self.model = get_peft_model(copy.deepcopy(base), config_for(name, p, basis)).train()
+        self.model = get_peft_model(copy.deepcopy(base), method_config(name, p["r"], p["targets"].split(","), basis)).train()
         special = []
         for d in loraforge.drivers(self.model):
             d.begin(3 * FAR)
@@ -229,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
         p["rounds"] = args.rounds
     device = pick_device(p["device"])
     names = ["lora"] + [n.strip() for n in args.methods.split(",") if n.strip() and n.strip() != "lora"]
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        parser.error(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     if p["threads"]:
         torch.set_num_threads(p["threads"])
     print(f"preset {args.preset}: {p}")
@@ -237,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(0)
         base = testing.tiny_llama(0, hidden=p["hidden"], layers=p["layers"]).to(device, getattr(torch, p["dtype"]))
         basis = os.path.join(tmp, "basis.safetensors")
-        _write_basis(base, p, basis)
+        write_basis(base, p["targets"].split(","), p["r"], basis)
         gen = torch.Generator().manual_seed(1)
         ids = torch.randint(3, base.config.vocab_size, (p["batch"], p["seq"]), generator=gen).to(device)
         batch = {"input_ids": ids, "labels": ids}
@@ -272,17 +254,6 @@ def main(argv: list[str] | None = None) -> int:
                        *(["CUDA launches/step", "×LoRA"] if cuda else []), "host reads/step",
                        *(["cuda syncs/step"] if cuda else []), "step ms", "time ×LoRA", "IQR"]))
     return 0
-
-
-def _write_basis(model: torch.nn.Module, p: dict, path: str) -> None:
-    """A random orthonormal CoRA basis in CoRA's key scheme: step cost does not depend on the subspace."""
-    from safetensors.torch import save_file
-
-    gen = torch.Generator().manual_seed(0)
-    targets = p["targets"].split(",")
-    bases = {name: torch.linalg.qr(torch.randn(m.out_features, p["r"], generator=gen))[0].contiguous()
-             for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in targets}
-    save_file(bases, path)
 
 
 if __name__ == "__main__":

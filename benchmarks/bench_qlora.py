@@ -22,8 +22,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_all  # noqa: E402
-from common import AllocationTrace, MiB, load_average, median, pick_device, spread, table, threads, timed  # noqa: E402
-from common import trainable_parameters  # noqa: E402
+from common import AllocationTrace, MiB, load_average, median, pick_device, spread, table, threads  # noqa: E402
+from common import FAR, method_config, round_robin, trainable_parameters, write_basis  # noqa: E402
 
 import loraforge  # noqa: E402
 
@@ -49,14 +49,14 @@ def load_quantized(path: str, p: dict, device: torch.device):
 def build(name: str, path: str, p: dict, device: torch.device, basis: str, lr: float) -> bench_all.Run:
     from peft import get_peft_model
 
-    model = get_peft_model(load_quantized(path, p, device), bench_all.config_for(name, p["r"], basis))
+    model = get_peft_model(load_quantized(path, p, device), method_config(name, p["r"], bench_all.TARGETS, basis))
     model.train()
     drivers = loraforge.drivers(model)
     driver = drivers[0] if drivers else None
     run = bench_all.Run(name, model, driver)
     special = []
     if driver is not None:
-        driver.begin(2 * bench_all.FAR)
+        driver.begin(2 * FAR)
         special = driver.param_groups(lr, 0.0)
     taken = {id(q) for g in special for q in g["params"]}
     rest = [q for q in model.parameters() if q.requires_grad and id(q) not in taken]
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         base = bench_all.base_model(dict(p, dtype="float32" if device.type == "cpu" else p["dtype"]), torch.device("cpu"))
         base.save_pretrained(os.path.join(tmp, "base"))
         basis = os.path.join(tmp, "basis.safetensors")
-        bench_all.write_basis(base, p["r"], basis)
+        write_basis(base, bench_all.TARGETS, p["r"], basis)
         del base
         batch = bench_all.make_batch(p, device)
         runs = {}
@@ -97,16 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                     run.step(batch)
             run.resident = trace.net
             runs[name] = run
-        for rnd in range(p["rounds"]):
-            order = names[rnd % len(names):] + names[:rnd % len(names)]
-            for name in order:
-                times = [timed(lambda: runs[name].step(batch), device, thread_time=thread_time) for _ in range(p["steps"])]
-                runs[name].times += times
-                runs[name].round_medians.append(median(times))
-        for name in names:
-            with AllocationTrace(device) as trace:
-                runs[name].step(batch)
-            runs[name].step_peak = trace.peak
+        round_robin(runs, names, batch, p["rounds"], p["steps"], device, thread_time=thread_time)
         print(load_average())
         ref = runs["lora"]
         ref_mem = ref.resident + ref.step_peak

@@ -117,3 +117,60 @@ def threads(n: int | None):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+FAR = 10 ** 6  # a step count no benchmark reaches
+
+
+def method_config(name: str, r: int, targets: list[str], basis: str):
+    """The adapter config of one benchmarked method, the same in every benchmark: PEFT's `lora` and
+    `adalora` (budgeting every step), SaLoRA before (`salora_before` / `salora_out`), inside
+    (`salora_in`, the default budget control; `salora_in_paper`) and after (`salora_after`, pruned by the
+    caller) its window, Delta-LoRA `delta_folded` / `delta_in_place` (start_step 0), CoRA `cora_fb` /
+    `cora_tb` on the basis file `basis`."""
+    import loraforge
+    from peft import AdaLoraConfig, LoraConfig
+
+    common = dict(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=targets)
+    if name == "lora":
+        return LoraConfig(**common)
+    if name == "adalora":
+        return AdaLoraConfig(init_r=r, target_r=max(1, r // 2), lora_alpha=2 * r, lora_dropout=0.0,
+                             target_modules=targets, tinit=0, tfinal=0, deltaT=1, total_step=FAR)
+    if name in ("salora_before", "salora_out"):
+        return loraforge.SaLoRAConfig(**common, window_start=FAR, window_end=2 * FAR)
+    if name in ("salora_in", "salora_after", "salora_in_paper"):
+        control = "paper" if name == "salora_in_paper" else "schedule"
+        return loraforge.SaLoRAConfig(**common, window_start=0, window_end=2 * FAR, budget_control=control)
+    if name in ("delta_folded", "delta_in_place"):
+        return loraforge.DeltaLoRAConfig(**common, start_step=0, update_ratio=0.5, propagation=name[len("delta_"):])
+    if name in ("cora_fb", "cora_tb"):
+        return loraforge.CoRAConfig(**common, basis_path=basis, freeze_b=name == "cora_fb")
+    raise ValueError(f"unknown method {name!r}")
+
+
+def write_basis(model: torch.nn.Module, targets: list[str], r: int, path: str) -> None:
+    """A CoRA basis in its key scheme (module path -> d_out × r orthonormal), random: speed and memory
+    do not depend on which subspace B spans."""
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(0)
+    bases = {name: torch.linalg.qr(torch.randn(m.out_features, r, generator=gen))[0].contiguous()
+             for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in targets}
+    save_file(bases, path)
+
+
+def round_robin(runs: dict, names: list[str], batch, rounds: int, steps: int, device: torch.device,
+                thread_time: bool) -> None:
+    """Time `steps` steps of every run per round, in an order that rotates each round (a drift of a shared
+    machine hits all runs alike), into `run.times` / `run.round_medians`; then one step each under an
+    `AllocationTrace` for `run.step_peak`."""
+    for rnd in range(rounds):
+        for name in names[rnd % len(names):] + names[:rnd % len(names)]:
+            times = [timed(lambda: runs[name].step(batch), device, thread_time=thread_time) for _ in range(steps)]
+            runs[name].times += times
+            runs[name].round_medians.append(median(times))
+    for name in names:
+        with AllocationTrace(device) as trace:
+            runs[name].step(batch)
+        runs[name].step_peak = trace.peak
