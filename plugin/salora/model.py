@@ -189,7 +189,7 @@ class SaLoRAController(Controller):
         self._weights: dict = {}  # constants of the step per device: rank weights, the grid of `_land`
         self.sampler = GateSampler(self.axes)  # all layers' gates in one draw per forward
         self._last_density: Optional[torch.Tensor] = None
-        self._snapshot: Optional[list[torch.Tensor]] = None  # the logits before the step ("schedule")
+        self._snapshot: Optional[torch.Tensor] = None  # all logits before the step, flat ("schedule")
         self._snapshot_valid = False
         self.sync()
 
@@ -330,7 +330,7 @@ class SaLoRAController(Controller):
     @torch.no_grad()
     def _step_schedule(self, step: int) -> None:
         """After the optimizer moved the logits (by the task's gradient alone): scale that move by
-        `gate_gain`, then move the logits along -∂C/∂logit by the multiplier μ that lands C exactly on b_t
+        `gate_gain`, then move the logits along -∂C/∂logit by the multiplier μ that lands C on b_t
         (the gradient step of μ·(C - b_t) whose μ is solved on the monotone C(μ) rather than
         ascended), and in the hold also sharpen them (away from the ĝ > 0 threshold, C kept on b_t).
         All of it runs on the logits concatenated into one float32 vector, written back to the layers by
