@@ -106,9 +106,11 @@ def schedule_by_hand(step: int, start: int, end: int, b: float) -> float:
     return b + (11 / 12 - b) * (1 - u) ** 3
 
 
-def test_the_schedule_holds_c_on_its_target_at_every_window_step_and_lambda_settles():
+@pytest.mark.parametrize("ranks", [None, {"1": 4, "3": 2}], ids=["equal", "mixed"])
+def test_the_schedule_holds_c_on_its_target_at_every_window_step_and_lambda_settles(ranks):
     b, steps = 0.3, 200
-    model, teacher = tiny(0, target_density=b)
+    model, teacher = tiny(0, target_density=b, **({"rank_pattern": ranks} if ranks else {}))
+    assert len({layer.r["default"] for layer in loraforge.driver(model).layers}) == (3 if ranks else 1)
     seen = []
     train(model, teacher, steps, 0, lambda step, d: seen.append((step, densities_by_hand(model)[0], d.controllers[0].lam)),
           stop=100)
