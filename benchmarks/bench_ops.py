@@ -23,8 +23,8 @@ steps (nothing calls `log_values`). Printed per method:
 
 Methods: lora; salora_before (before the window: g = 1), salora_in (inside the window: gates sampled,
 the default budget control "schedule": the multiplier solved after each step), salora_in_paper (inside
-the window with budget_control="paper": the budget term in the loss, λ ascent), salora_after (gates frozen); delta_folded, delta_in_place (start_step=0);
-cora_fb, cora_tb.
+the window with budget_control="paper": the budget term in the loss, λ ascent), salora_after (gates
+frozen); delta_folded, delta_in_place (start_step=0); cora_fb, cora_tb (`common.method_config`).
 
     python benchmarks/bench_ops.py                      # 4-layer hidden-256 Llama, 6 targets, r 8, CPU
     python benchmarks/bench_ops.py --preset cpu-wide    # the same at hidden 1024, seq 256 (matmuls dominate)
