@@ -28,8 +28,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from two_ranks import free_port, load_result, run_beside
 from safetensors.torch import load_file
+from two_ranks import free_port, load_result, run_beside
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "ddp_worker.py"
