@@ -186,7 +186,7 @@ class SaLoRAController(Controller):
             torch.full((a.layer.r[self.adapter],), float(a.layer.in_features + a.layer.out_features)) for a in self.axes
         ])
         self.total_weight = float(self.rank_weight.sum())
-        self._weights: dict = {}  # constants of the step per device: rank weights, the grid of `_land`
+        self._constants: dict = {}  # (name, device) -> tensor made once (`_constant`)
         self.sampler = GateSampler(self.axes)  # all layers' gates in one draw per forward
         self._last_density: Optional[torch.Tensor] = None
         self._snapshot: Optional[torch.Tensor] = None  # all logits before the step, flat ("schedule")
@@ -242,9 +242,7 @@ class SaLoRAController(Controller):
         """C = Σ_i P(g_i > 0)·(d_in + d_out) / Σ_i (d_in + d_out) over all ranks: one op chain."""
         cfg = self.config
         logits = self.sampler.logits(fresh=False)
-        weight = self._weights.get(logits.device)
-        if weight is None:
-            weight = self._weights[logits.device] = self.rank_weight.to(logits.device).view(logits.shape)
+        weight = self._constant("weight", logits.device, lambda: self.rank_weight.view(logits.shape))
         return (prob_nonzero(logits.float(), cfg.temperature, cfg.gamma, cfg.zeta) * weight).sum() / self.total_weight
 
     def factors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -302,17 +300,21 @@ class SaLoRAController(Controller):
 
     @torch.no_grad()
     def _take_snapshot(self) -> None:
-        """The logits before the optimizer step, concatenated into one buffer kept for the run (one op)."""
-        logits = [a.log_alpha for a in self.axes]
-        if len({(x.device, x.dtype) for x in logits}) > 1:
-            self._snapshot, self._snapshot_valid = torch.cat([x.detach().float().to(logits[0].device) for x in logits]), True
-            return
+        """The logits before the optimizer step, into one flat buffer kept for the run (one op)."""
+        self._snapshot, self._snapshot_valid = self._flat_logits(out=self._snapshot), True
+
+    @torch.no_grad()
+    def _flat_logits(self, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """All logits of the adapter concatenated, float32, on the first layer's device; written into `out`
+        when it fits (same size, dtype, device), so a buffer kept across steps costs no allocation."""
+        logits = [a.log_alpha for a in self.axes]  # no_grad: no graph, and no per-layer detach op
+        device = logits[0].device
+        if any(x.device != device or x.dtype != torch.float32 for x in logits):
+            return torch.cat([x.float().to(device) for x in logits])  # layers spread over devices, or not fp32
         n = sum(x.numel() for x in logits)
-        if self._snapshot is None or self._snapshot.numel() != n or self._snapshot.device != logits[0].device \
-                or self._snapshot.dtype != logits[0].dtype:
-            self._snapshot = torch.empty(n, dtype=logits[0].dtype, device=logits[0].device)
-        torch.cat(logits, out=self._snapshot)
-        self._snapshot_valid = True
+        if out is None or out.numel() != n or out.device != device or out.dtype != torch.float32:
+            return torch.cat(logits)
+        return torch.cat(logits, out=out)
 
     # the budget control ----------------------------------------------------------------------
     def target_at(self, step: int) -> float:
@@ -336,12 +338,10 @@ class SaLoRAController(Controller):
         All of it runs on the logits concatenated into one float32 vector, written back to the layers by
         one multi-tensor copy: the op count does not grow with the number of layers."""
         cfg = self.config
-        logits = [a.log_alpha.data for a in self.axes]
-        la = torch.cat([x.float().to(logits[0].device) for x in logits]) \
-            if len({(x.device, x.dtype) for x in logits}) > 1 or logits[0].dtype != torch.float32 else torch.cat(logits)
+        la = self._flat_logits()
         gain = self.gate_gain()
         if self._snapshot_valid and gain > 1.0:
-            la = torch.lerp(self._snapshot.to(la), la, gain)  # snapshot + gain · (the optimizer's move)
+            la = torch.lerp(self._snapshot, la, gain)  # snapshot + gain · (the optimizer's move)
         self._snapshot_valid = False
         target = self.target_at(step)
         la, mu = self._land(la, target)
@@ -356,7 +356,7 @@ class SaLoRAController(Controller):
             la, _ = self._land(la, target)  # part of the sharpening, not of the multiplier's work
         sizes = self.sampler.sizes
         parts = la.view(len(sizes), sizes[0]).unbind(0) if self.sampler.same_rank else la.split(sizes)
-        torch._foreach_copy_(logits, list(parts))
+        torch._foreach_copy_([a.log_alpha.data for a in self.axes], list(parts))
 
     def _land(self, la: torch.Tensor, target: float) -> tuple[torch.Tensor, torch.Tensor]:
         """`la` (all logits, float32) moved by -μ·∂C/∂logit, scaled so the largest move is |μ| <= 1 logit
@@ -368,15 +368,14 @@ class SaLoRAController(Controller):
         whatever the number of layers, no host sync, and no iteration that can diverge where the sigmoids
         saturate (a plain Newton step does)."""
         cfg = self.config
-        weight = self._rank_weight_on(la.device)  # (d_in + d_out) / Σ, so C = weight · P(g > 0)
+        # (d_in + d_out) / Σ, so C = weight · P(g > 0)
+        weight = self._constant("share", la.device, lambda: self.rank_weight / self.total_weight)
         shifted = la - cfg.temperature * math.log(-cfg.gamma / cfg.zeta)
         p = torch.sigmoid(shifted)
         direction = torch.addcmul(p, p, p, value=-1.0).mul_(weight)  # p (1 - p) w: -∂C/∂logit
         direction.div_(direction.max().clamp_min_(1e-30))
         n, step = GRID_POINTS, 2.0 / (GRID_POINTS - 1)
-        cells = self._weights.get(("cells", la.device))  # grid index 0..n-1
-        if cells is None:
-            cells = self._weights[("cells", la.device)] = torch.arange(n, dtype=torch.float32, device=la.device)
+        cells = self._constant("cells", la.device, lambda: torch.arange(n, dtype=torch.float32))  # grid index 0..n-1
 
         def bracket(grid: torch.Tensor, width: float):
             """The first point of `grid` (spacing `width`) where C <= target, C at it and at the point before."""
@@ -392,12 +391,12 @@ class SaLoRAController(Controller):
         mu = a + share * fine
         return torch.addcmul(la, mu, direction, value=-1.0), mu
 
-    def _rank_weight_on(self, device: torch.device) -> torch.Tensor:
-        key = ("flat", device)
-        weight = self._weights.get(key)
-        if weight is None:
-            weight = self._weights[key] = (self.rank_weight / self.total_weight).to(device)
-        return weight
+    def _constant(self, name: str, device: torch.device, make) -> torch.Tensor:
+        """`make()` (a CPU tensor) moved to `device`, made once per name and device."""
+        key = (name, device)
+        if key not in self._constants:
+            self._constants[key] = make().to(device)
+        return self._constants[key]
 
     def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
         return [{"params": [a.log_alpha for a in self.axes], "lr": self.config.gate_lr, "weight_decay": 0.0,

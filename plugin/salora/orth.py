@@ -51,7 +51,8 @@ def _squared_norm(grams: list[torch.Tensor]) -> torch.Tensor:
     by_device: dict = {}
     for g in grams:
         by_device.setdefault(g.device, []).append(g.view(-1))
-    parts = [torch.dot(v[0], v[0]) if len(v) == 1 else torch.dot(*(2 * [torch.cat(v)])) for v in by_device.values()]
+    flats = [v[0] if len(v) == 1 else torch.cat(v) for v in by_device.values()]
+    parts = [torch.dot(f, f) for f in flats]
     return parts[0] if len(parts) == 1 else sum(p.to(grams[0].device) for p in parts)
 
 
