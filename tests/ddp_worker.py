@@ -218,9 +218,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    code = main(sys.argv[1:])
-    # As in fsdp_worker.py: every result is written; leave without interpreter finalisation, where gloo's
-    # worker threads may abort the process (pytorch/pytorch#179291).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    from two_ranks import exit_without_finalising
+
+    exit_without_finalising(main(sys.argv[1:]))

@@ -222,10 +222,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    code = main(sys.argv[1:])
-    # Every result is written and closed by now. Leave without interpreter finalisation: there gloo's worker
-    # threads may still free tensors that hold Python references and abort the process ("terminate called
-    # without an active exception", SIGABRT; seen once in 4 CI runs here; pytorch/pytorch#179291).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    from two_ranks import exit_without_finalising
+
+    exit_without_finalising(main(sys.argv[1:]))
