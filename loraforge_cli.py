@@ -78,7 +78,13 @@ def _export(p):
     p.add_argument("adapter", help="folder of a saved loraforge adapter")
     p.add_argument("--base", help="base model folder the adapter was trained on (default: the adapter's "
                                   "base_model_name_or_path in adapter_config.json)")
-    p.add_argument("--out", required=True, help="folder for the stock PEFT LoRA adapter")
+    p.add_argument("--out", required=True, help="folder for the exported adapter")
+    p.add_argument("--format", choices=("peft", "uniform", "gguf"), default="peft",
+                   help="peft: stock PEFT LoRA, per-module ranks in rank_pattern/alpha_pattern (vLLM >= 0.32, PEFT); "
+                        "uniform: one rank and one alpha for every module, zero-padded (SGLang, LoRAX, TGI, any vLLM); "
+                        "gguf: llama.cpp LoRA adapter plus an Ollama Modelfile")
+    p.add_argument("--base-gguf", help="with --format gguf: the base model's GGUF for the Modelfile's FROM "
+                                       "(default: the shipped GGUF for the default model, else the base folder)")
 
 
 def _cora_extract(p):

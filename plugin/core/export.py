@@ -7,15 +7,20 @@ into `B'` and `lora_alpha = r'` per module (scaling exactly 1), so per-module ra
 from __future__ import annotations
 
 import json
+import logging
 import os
+import sys
 
 import torch
 from peft import LoraConfig
 from peft.utils import SAFETENSORS_WEIGHTS_NAME, get_peft_model_state_dict
 from safetensors.torch import save_file
 
+from ..export_formats import FORMATS, write
 from .driver import drivers
 from .layer import ForgeLinear, _eval_mode
+
+logger = logging.getLogger("loraforge.export")
 
 
 @torch.no_grad()
@@ -30,8 +35,16 @@ def stock_factors(layer: ForgeLinear, adapter: str) -> tuple[torch.Tensor, torch
     return b, a
 
 
-def export_lora(model, out_dir: str, adapter: str = "default", dtype: torch.dtype | None = None) -> dict[str, int]:
-    """Write `model`'s loraforge adapter to `out_dir` as a stock PEFT LoRA adapter; return module ranks."""
+def export_lora(model, out_dir: str, adapter: str = "default", dtype: torch.dtype | None = None,
+                format: str = "peft", **options) -> dict[str, int]:
+    """Write `model`'s loraforge adapter to `out_dir`; return the module ranks written.
+
+    `format`: `"peft"` (stock PEFT LoRA, per-module ranks in `rank_pattern` / `alpha_pattern`), `"uniform"`
+    (one rank and one alpha for every module) or `"gguf"` (a llama.cpp / Ollama adapter; `options`:
+    `base_gguf`); see `loraforge.export_formats`.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"format: must be one of {FORMATS}, got {format!r}")
     layers = [m for m in model.modules() if isinstance(m, ForgeLinear) and adapter in m.lora_A]
     if not layers:
         raise ValueError(f"no loraforge layer holds adapter {adapter!r}: nothing to export")
@@ -74,10 +87,18 @@ def export_lora(model, out_dir: str, adapter: str = "default", dtype: torch.dtyp
         task_type=config.task_type,
         base_model_name_or_path=config.base_model_name_or_path,
     )
-    os.makedirs(out_dir, exist_ok=True)
-    stock.save_pretrained(out_dir)
-    save_file(tensors, os.path.join(out_dir, SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
-    meta = {"exported_from": type(config).__name__, "module_ranks": ranks}
+    if format == "peft":
+        os.makedirs(out_dir, exist_ok=True)
+        stock.save_pretrained(out_dir)
+        save_file(tensors, os.path.join(out_dir, SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
+    else:
+        factors = {m: (tensors[f"base_model.model.{m}.lora_B.weight"], tensors[f"base_model.model.{m}.lora_A.weight"])
+                   for m in ranks}
+        extra = {k: v for k, v in tensors.items() if "lora_" not in k}
+        logger.info(write(format, model, stock, factors, extra, out_dir, dtype=dtype, **options))
+        if format == "uniform":
+            ranks = dict.fromkeys(ranks, max(ranks.values()))
+    meta = {"exported_from": type(config).__name__, "format": format, "module_ranks": ranks}
     for d in drivers(model):
         if d.adapter == adapter:
             meta.update(d.export_metadata())
@@ -114,8 +135,15 @@ def export_args(args) -> int:
         raise UsageError(f"no base model folder {base!r} ({source}); pass the folder the adapter was trained on "
                          "with --base")
     model = load_adapter(AutoModelForCausalLM.from_pretrained(base), args.adapter)
-    ranks = export_lora(model, args.out)
-    print(f"wrote a stock PEFT LoRA adapter ({len(ranks)} modules, ranks {min(ranks.values())}-{max(ranks.values())}) "
+    fmt = args.format
+    logger.addHandler(logging.StreamHandler(sys.stdout))  # the format's summary: padding cost, Modelfile
+    logger.setLevel(logging.INFO)
+    options = {"base_gguf": args.base_gguf} if fmt == "gguf" and args.base_gguf else {}
+    try:
+        ranks = export_lora(model, args.out, format=fmt, **options)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    print(f"wrote a {fmt} LoRA adapter ({len(ranks)} modules, ranks {min(ranks.values())}-{max(ranks.values())}) "
           f"from base {base} to {args.out}")
     return 0
 

