@@ -225,3 +225,24 @@ def test_gguf_refuses_what_llama_cpp_cannot_express(tmp_path):
     with pytest.raises(ValueError, match=r"^format: must be one of"):
         loraforge.export_lora(kept, str(tmp_path / "d"), format="onnx")
     assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()  # refused before writing anything
+
+
+def test_cli_export_gguf_prints_the_modelfile_and_refuses_in_one_line(tmp_path, capsys):
+    from loraforge_cli import main
+
+    testing.tiny_llama(0).save_pretrained(tmp_path / "base")
+    torch.manual_seed(0)
+    config = DeltaLoRAConfig(target_modules=["q_proj", "k_proj"], r=4, init_lora_weights=False)
+    get_peft_model(testing.tiny_llama(0), config).save_pretrained(tmp_path / "adapter")
+    args = ["export", str(tmp_path / "adapter"), "--base", str(tmp_path / "base"), "--format", "gguf"]
+    assert main(args + ["--out", str(tmp_path / "out"), "--base-gguf", "/models/base.gguf"]) == 0
+    printed = capsys.readouterr().out
+    assert "FROM /models/base.gguf\nADAPTER ./adapter_model.gguf\n" in printed and "ollama create" in printed
+    assert (tmp_path / "out" / "adapter_model.gguf").is_file()
+    config = DeltaLoRAConfig(target_modules=["q_proj"], modules_to_save=["lm_head"])
+    get_peft_model(testing.tiny_llama(0), config).save_pretrained(tmp_path / "kept")
+    args[1] = str(tmp_path / "kept")
+    assert main(args + ["--out", str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # (after the weight-loading progress bar)
+    assert err[-1].startswith("loraforge export: error: format gguf: modules_to_save (lm_head)")
+    assert not any("Traceback" in line for line in err)
