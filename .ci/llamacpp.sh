@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# CI, llama.cpp part: build the llama.cpp venv (~/.cache/loraforge/venv-llamacpp: llama-cpp-python compiled from source, plus
-# torch / transformers / PEFT / loraforge) and run tests/integrations/test_llamacpp.py in it.
+# CI, llama.cpp part: build the llama.cpp venv (~/.cache/loraforge/venv-llamacpp: llama-cpp-python compiled
+# from source, plus torch / transformers / PEFT / loraforge) and run tests/integrations/test_llamacpp.py in it.
 # llama-cpp-python compiles llama.cpp with the machine's gcc/cmake: GGML_NATIVE=OFF with AVX2/FMA/F16C named,
-# since a native build dies with "Illegal instruction" on these CPUs. The build takes TIME_BUILD; the
-# tests TIME_TESTS (see the README's "Serving" section).
+# since a native build dies with "Illegal instruction" on these CPUs. Measured on a 2-core machine shared with
+# other jobs (load ~7): the build 2,574 s (CMAKE_BUILD_PARALLEL_LEVEL=2); the tests 915 s there, 283 s when
+# the machine was quieter (the pip steps of a reused venv: about a minute).
 # The sdist stays in the venv: its vendored llama.cpp has convert_hf_to_gguf.py (the tests make an F32 GGUF of
 # the base model with it) and convert_lora_to_gguf.py (the reference the GGUF export is checked against).
 # A venv whose llama_cpp is already $LLAMA is reused (rm -rf ~/.cache/loraforge/venv-llamacpp to rebuild

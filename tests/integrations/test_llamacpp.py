@@ -10,6 +10,10 @@ loaded by llama.cpp beside the base GGUF. Two bases:
 - an F32 GGUF of the same weights (made here with llama.cpp's convert_hf_to_gguf.py from
   $LLAMACPP_SOURCE): there llama.cpp's arithmetic is float32, so the adapter's own shift of the
   logits must match transformers' closely (cosine and largest difference).
+Measured (6 prompts; base model: Q4_1 gap 1.00, F32 gap 0.019, logits spanning 51): every method's
+adapter moves logits by 3.9-5.2; on F32 its shift agrees with transformers' to cosine 1.0000 and the
+adapted logits to 0.011-0.017, greedy 8 tokens the same on 6/6; on Q4_1 the gap is 0.68-0.97 (shift
+cosine 0.95-0.98), the next token the same on 6/6, the first 4 greedy tokens on 4-6/6 (base: 5/6).
 """
 from __future__ import annotations
 
