@@ -1,6 +1,6 @@
 """CoRA: LoRA whose B starts from a common SVD subspace of several fine-tuned models.
 
-Decisions the paper leaves open (see METHODS.md, CoRA):
+Decisions the paper leaves open (see docs/methods.md, CoRA):
 - `B` of a module starts as the first `r` columns of that module's basis `U` (key = the module's
   path in the base model, e.g. `model.layers.0.self_attn.q_proj`; written by `loraforge cora-extract`).
   `r` may be smaller than the basis rank, never larger (`rank_pattern` is honoured per module).
@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..core.config import ForgeConfig, ForgeConfigError, require
+from .layer import BasisAxis, basis_columns
+from .model import CoRAProvenance
 
 A_INITS = ("zeros", "gaussian", "kaiming")
 
@@ -52,8 +54,6 @@ class CoRAConfig(ForgeConfig):
                 "--rank R --targets ... --out basis.safetensors`; pass basis_path='basis.safetensors'")
         path = os.fspath(self.basis_path)
         require(os.path.isfile(path), "basis_path", f"no file at {path!r}; run `loraforge cora-extract` to write it")
-        from .layer import basis_columns
-
         try:
             columns = basis_columns(path)
         except Exception as exc:  # a truncated or foreign file
@@ -66,13 +66,9 @@ class CoRAConfig(ForgeConfig):
                     f"use r <= {widest} or extract a basis with --rank {self.r}")
 
     def axes(self) -> list[type]:
-        from .layer import BasisAxis
-
         return [BasisAxis]
 
     def controllers(self) -> list[type]:
-        from .model import CoRAProvenance
-
         return [CoRAProvenance]
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:

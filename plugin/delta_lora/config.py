@@ -1,4 +1,4 @@
-"""Delta-LoRA: the frozen weight moves by the delta of the low-rank product. See METHODS.md.
+"""Delta-LoRA: the frozen weight moves by the delta of the low-rank product. See docs/methods.md.
 
 After optimizer step t > K: `W ← W + λ·s·(B_{t+1} A_{t+1} - B_t A_t)`, which telescopes to
 `W_T = W_0 + λ·s·(B_T A_T - B_K A_K)`; `(B_K, A_K)` are the factors right after optimizer step K
@@ -23,6 +23,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..core.config import ForgeConfig, require
+from .in_place import InPlacePropagation
+from .layer import FoldedPropagation
+from .model import DeltaLoRAController
 
 PROPAGATIONS = ("folded", "in_place")
 
@@ -74,11 +77,7 @@ class DeltaLoRAConfig(ForgeConfig):
         require(not self.use_dora, "use_dora", "Delta-LoRA cannot be combined with DoRA; set use_dora=False")
 
     def axes(self) -> list[type]:
-        from .layer import DeltaPropagation
-
-        return [DeltaPropagation]
+        return [InPlacePropagation if self.propagation == "in_place" else FoldedPropagation]
 
     def controllers(self) -> list[type]:
-        from .model import DeltaLoRAController
-
         return [DeltaLoRAController]

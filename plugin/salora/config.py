@@ -1,4 +1,4 @@
-"""SaLoRA (structure-aware LoRA): Hard-Concrete rank gates under an L0 budget. See METHODS.md.
+"""SaLoRA (structure-aware LoRA): Hard-Concrete rank gates under an L0 budget. See docs/methods.md.
 
 Decisions the paper leaves open (measured in benchmarks/bench_salora.py and
 experiments/salora_planted.py, see the module docstrings of `model.py` and `layer.py`):
@@ -15,12 +15,12 @@ experiments/salora_planted.py, see the module docstrings of `model.py` and `laye
   λ(C - b)² with λ <- max(0, λ + η_c·(C - b)²). Measured in experiments/salora_budget.py (planted
   ranks, 3 seeds, runs of 200 / 1,000 / 5,000 steps, the paper's other defaults): "schedule" ends the
   window at |C - b| < 1e-3 and |realised - b| <= 0.01 at every length; "paper" at C - b = +0.47 /
-  +0.29 at 200 / 1,000 steps, i.e. never reaches b (as METHODS.md measured at LLaMA run lengths).
+  +0.29 at 200 / 1,000 steps, i.e. never reaches b (as docs/methods.md reports at LLaMA run lengths).
 - `prune_budget` decides which ranks survive when the gates freeze at the end of the window (the
   rest of training then adapts to exactly those ranks, and eval, merge and export use them):
   "gate" keeps the ranks whose deterministic gate ĝ is > 0 (the paper's rule), "exact" keeps the
   globally best-scoring ranks until the kept parameter count reaches `target_density` (see
-  `model.select_gates`). Default "exact": the expected density C that the budget term drives to b
+  `prune.select_gates`). Default "exact": the expected density C that the budget term drives to b
   says little about how many ĝ are > 0 (at τ = 1, ĝ > 0 exactly when P(g > 0) > 1/2), so "gate" exports a
   density the user did not ask for: 0.31-0.43 at b = 0.5 on the tiny Alpaca runs of the tests,
   0.090 from b on average in experiments/salora_planted.py, where "exact" lands within 0.003 of b
@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from ..core.config import ForgeConfig, require
-
-#: All linears of attention and MLP in Llama-style models; the ones a model lacks are skipped.
-DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from .layer import HardConcreteGate
+from .model import SaLoRAController
+from .report import DEFAULT_TARGET_MODULES
 ORTH_REDUCTIONS = ("mean", "sum")
 LAGRANGIANS = ("quadratic", "linear_quadratic")
 PRUNE_BUDGETS = ("exact", "gate")
@@ -162,11 +162,7 @@ class SaLoRAConfig(ForgeConfig):
         return start, end
 
     def axes(self) -> list[type]:
-        from .layer import HardConcreteGate
-
         return [HardConcreteGate]
 
     def controllers(self) -> list[type]:
-        from .model import SaLoRAController
-
         return [SaLoRAController]
