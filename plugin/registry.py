@@ -61,7 +61,7 @@ def register_method(config: type, *, title: str | None = None, example: str = ""
         report (`Callable[[Path], list[str]]`, *optional*): lines about a run's files for `loraforge train`.
 
     Returns:
-        `Method`: the registered method. Registering the same config again returns the same record.
+        `Method`: the registered method. Registering the same config class again returns the first record unchanged.
 
     Example:
 
@@ -77,7 +77,9 @@ def register_method(config: type, *, title: str | None = None, example: str = ""
     if not (isinstance(config, type) and issubclass(config, ForgeConfig)) or not config.method:
         raise TypeError(f"register_method: {config!r} is not a ForgeConfig subclass with a `method` name")
     known = _METHODS.get(config.method)
-    if known is not None and known.config is not config:
+    if known is not None and known.config is config:
+        return known
+    if known is not None:
         raise ValueError(f"register_method: the name {config.method!r} is taken by {known.config.__name__}")
     method = Method(config.method, config, title or config.method, example, tuple(commands),
                     dict(exports if exports is not None else {config.__name__: config}), report)
