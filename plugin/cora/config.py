@@ -26,6 +26,25 @@ A_INITS = ("zeros", "gaussian", "kaiming")
 
 @dataclass
 class CoRAConfig(ForgeConfig):
+    """CoRA: LoRA whose B starts from a common SVD subspace of fine-tuned models (`loraforge cora-extract`).
+
+    Completes under any trainer, including a plain `SFTTrainer(..., peft_config=CoRAConfig(...))`.
+    Every `peft.LoraConfig` field keeps PEFT's meaning.
+
+    Args:
+        basis_path (`str`): the safetensors file of bases written by `loraforge cora-extract` (new adapters).
+        freeze_b (`bool`, defaults to `True`): FB mode (only A trains); False: TB mode (B trains too).
+        a_init (`str`, defaults to `"zeros"`): how A starts: "zeros", "gaussian" (the paper) or "kaiming".
+        init_from_basis (`bool`, defaults to `True`): read B from `basis_path`; saved adapters record False.
+
+    Example:
+
+        ```py
+        >>> config = loraforge.CoRAConfig(r=8, basis_path="basis.safetensors", target_modules=["q_proj", "v_proj"])
+        >>> model = get_peft_model(AutoModelForCausalLM.from_pretrained("base"), config)
+        ```
+    """
+
     method = "cora"
 
     basis_path: Optional[str] = field(

@@ -20,7 +20,28 @@ from .layer import ForgeLinear
 
 
 def export_lora(model, out_dir: str, adapter: str = "default", dtype: torch.dtype | None = None) -> dict[str, int]:
-    """Write `model`'s loraforge adapter to `out_dir` as a stock PEFT LoRA adapter; return module ranks."""
+    """Write `model`'s loraforge adapter to `out_dir` as a stock PEFT LoRA adapter that plain `peft` loads.
+
+    Each module's whole update on the original base weight (gates folded in, pruned ranks dropped,
+    a Delta-LoRA snapshot appended, the scaling folded into B) is written as `B' A'` with scaling 1;
+    `loraforge_export.json` beside it records the method's state (densities, snapshot step, basis).
+
+    Args:
+        model (`PeftModel`): a model holding the loraforge adapter, not merged.
+        out_dir (`str`): the folder to write (created if missing).
+        adapter (`str`, defaults to `"default"`): the adapter to export.
+        dtype (`torch.dtype`, *optional*): the dtype of the written factors (default: that of `lora_A`).
+
+    Returns:
+        `dict[str, int]`: module name -> the rank written for it.
+
+    Example:
+
+        ```py
+        >>> ranks = loraforge.export_lora(model, "stock_adapter")
+        >>> stock = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("base"), "stock_adapter")
+        ```
+    """
     layers = [m for m in model.modules() if isinstance(m, ForgeLinear) and adapter in m.lora_A]
     if not layers:
         raise ValueError(f"no loraforge layer holds adapter {adapter!r}: nothing to export")

@@ -95,11 +95,38 @@ def register(model: torch.nn.Module) -> None:
 
 
 # one adapter per engine ------------------------------------------------------------------------
-class Fsdp2:
+class Engine:
+    """What loraforge asks of a sharding engine; each subclass answers for one engine."""
+
+    name = ""
+    #: Whether the whole tensor it gathers carries the gradient back to the shard (else the loss reads
+    #: what the forward captured, `capture`).
+    differentiable = False
+    #: Why loraforge refuses a layout `refuses` picks out (formatted with `what` and `t`).
+    refusal = ""
+
+    @staticmethod
+    def holds_shard(t) -> bool:
+        """Whether this rank holds only a shard of `t` now, laid out by this engine."""
+        raise NotImplementedError
+
+    @staticmethod
+    def refuses(t) -> bool:
+        """Whether `t` is laid out by this engine in a way loraforge cannot read."""
+        raise NotImplementedError
+
+    @classmethod
+    def unsupported(cls, t, what: str) -> Optional[str]:
+        return cls.refusal.format(what=what, t=t) if cls.refuses(t) else None
+
+
+class Fsdp2(Engine):
     """`fully_shard`: a DTensor, rows split (`Shard(0)`, with `Replicate` for HSDP)."""
 
     name = "fsdp2"
     differentiable = True  # `full_tensor()` carries the gradient back to the shard
+    refusal = ("{what} is a DTensor with placements {t.placements}: loraforge supports FSDP2's row sharding "
+               "(Shard(0), with Replicate for HSDP), not tensor parallelism")
 
     @staticmethod
     def holds_shard(t) -> bool:
@@ -123,19 +150,17 @@ class Fsdp2:
         return int(torch.tensor(sizes or [1]).prod())
 
     @staticmethod
-    def unsupported(t, what: str) -> Optional[str]:
-        if isinstance(t, DTensor) and not all(isinstance(p, (Shard, Replicate)) and (not isinstance(p, Shard) or p.dim == 0)
-                                              for p in t.placements):
-            return (f"{what} is a DTensor with placements {tuple(t.placements)}: loraforge supports FSDP2's row "
-                    "sharding (Shard(0), with Replicate for HSDP), not tensor parallelism")
-        return None
+    def refuses(t) -> bool:
+        return isinstance(t, DTensor) and not all(
+            isinstance(p, (Shard, Replicate)) and (not isinstance(p, Shard) or p.dim == 0) for p in t.placements)
 
 
-class Fsdp1:
+class Fsdp1(Engine):
     """FSDP1 with `use_orig_params=True`: a 1-D view of the rank's part of the unit's flat parameter."""
 
     name = "fsdp1"
-    differentiable = False  # the loss reads what the forward captured (`capture`)
+    refusal = ("{what} is a view of an FSDP1 flat parameter built with use_orig_params=False; loraforge needs "
+               "use_orig_params=True (accelerate's default: fsdp_use_orig_params: true)")
 
     @staticmethod
     def holds_shard(t) -> bool:
@@ -182,18 +207,18 @@ class Fsdp1:
         return max(1, torch.distributed.get_world_size() * flat._sharded_size.numel() // flat._unpadded_unsharded_size.numel())
 
     @staticmethod
-    def unsupported(t, what: str) -> Optional[str]:
-        if isinstance(getattr(t, "_base", None), FlatParameter) and t._base._params is None:
-            return (f"{what} is a view of an FSDP1 flat parameter built with use_orig_params=False; loraforge "
-                    "needs use_orig_params=True (accelerate's default: fsdp_use_orig_params: true)")
-        return None
+    def refuses(t) -> bool:
+        return isinstance(getattr(t, "_base", None), FlatParameter) and t._base._params is None
 
 
-class Zero3:
+class Zero3(Engine):
     """DeepSpeed ZeRO-3: an empty `data`, the rank's flat partition in `ds_tensor`."""
 
     name = "zero3"
-    differentiable = False  # the loss reads what the forward captured (`capture`)
+    # The GatheredParameters path is written by the same rules but has never run to the end on a test
+    # (DeepSpeed's CPU backend did not finish a 2-rank run here): refuse it.
+    refusal = ("{what} is partitioned by DeepSpeed ZeRO-3, which loraforge has not verified; train with FSDP "
+               "(fsdp_version: 2) or DeepSpeed ZeRO stage 1 or 2")
 
     @staticmethod
     def holds_shard(t) -> bool:
@@ -222,13 +247,8 @@ class Zero3:
         return torch.distributed.get_world_size() // torch.distributed.get_world_size(group=w.ds_process_group)
 
     @staticmethod
-    def unsupported(t, what: str) -> Optional[str]:
-        if hasattr(t, "ds_id"):
-            # The GatheredParameters path is written by the same rules but has never run to the end on a
-            # test (DeepSpeed's CPU backend did not finish a 2-rank run here): refuse it.
-            return (f"{what} is partitioned by DeepSpeed ZeRO-3, which loraforge has not verified; train with "
-                    "FSDP (fsdp_version: 2) or DeepSpeed ZeRO stage 1 or 2")
-        return None
+    def refuses(t) -> bool:
+        return hasattr(t, "ds_id")
 
 
 ENGINES = (Fsdp2, Zero3, Fsdp1)

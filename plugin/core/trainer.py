@@ -85,7 +85,24 @@ class PlanCallback(TrainerCallback):
 
 
 class LoraForgeTrainerMixin:
-    """Put before a `transformers.Trainer` subclass: `class T(LoraForgeTrainerMixin, SomeTrainer)`."""
+    """Makes any `transformers.Trainer` subclass drive loraforge adapters; put it first in the bases.
+
+    It adds the controllers' loss terms in `compute_loss` (once per optimizer step whatever the
+    gradient accumulation), builds the optimizer with their param groups (e.g. SaLoRA's gate group),
+    tells them the total steps when training begins (refusing a resume whose adapter state does not
+    match the trainer's step), and merges their values into the logs.
+
+    Args:
+        *args, **kwargs: those of the trainer class it is mixed into.
+
+    Example:
+
+        ```py
+        >>> from trl import DPOTrainer
+        >>> class LoraForgeDPOTrainer(loraforge.LoraForgeTrainerMixin, DPOTrainer):
+        ...     pass
+        ```
+    """
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -162,5 +179,18 @@ def _refuse_own_grouping(optimizer_cls, optimizer_kwargs: dict, special: list[di
 
 
 class LoraForgeTrainer(LoraForgeTrainerMixin, Trainer):
-    """`transformers.Trainer` that drives loraforge adapters."""
+    """`transformers.Trainer` that drives loraforge adapters; takes the same arguments.
+
+    Args:
+        *args, **kwargs: those of `transformers.Trainer` (`model` holding a loraforge adapter, `args`, ...).
+
+    Example:
+
+        ```py
+        >>> model = get_peft_model(base, loraforge.SaLoRAConfig(target_density=0.5))
+        >>> trainer = loraforge.LoraForgeTrainer(model=model, args=TrainingArguments("out", max_steps=500),
+        ...                                      train_dataset=ds)
+        >>> trainer.train()
+        ```
+    """
 

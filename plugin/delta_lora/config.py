@@ -32,6 +32,26 @@ PROPAGATIONS = ("folded", "in_place")
 
 @dataclass
 class DeltaLoRAConfig(ForgeConfig):
+    """Delta-LoRA: after each optimizer step t > K the base weight moves by λ times the change of s·B·A.
+
+    Completes under any trainer (its work follows each optimizer step), including a plain
+    `SFTTrainer(..., peft_config=DeltaLoRAConfig(...))`. Every `peft.LoraConfig` field keeps PEFT's
+    meaning; `lora_dropout` must be 0.
+
+    Args:
+        update_ratio (`float`, defaults to 0.5): λ (paper: 0.5 GLUE, 2 E2E); 0 is plain LoRA.
+        start_step (`int`, defaults to 500): K, the optimizer steps before W starts to move.
+        propagation (`str`, defaults to `"folded"`): "folded" never writes W (a rank-2r branch);
+            "in_place" writes W after every step (the paper's algorithm; full-precision bases only).
+
+    Example:
+
+        ```py
+        >>> config = loraforge.DeltaLoRAConfig(r=8, update_ratio=2.0, start_step=100, lora_dropout=0.0)
+        >>> model = get_peft_model(AutoModelForCausalLM.from_pretrained("base"), config)
+        ```
+    """
+
     method = "delta_lora"
 
     update_ratio: float = field(
