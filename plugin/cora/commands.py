@@ -38,6 +38,6 @@ COMMANDS = {
                      "singular vectors as CoRA's basis for B. Streams: one tensor per input in memory at a time.",
                      _cora_extract, None),
 }
-ADAPTER_ARGUMENTS: dict = {}
+ADAPTER_ARGUMENTS: dict = {}  # no command of CoRA's takes a saved adapter folder
 #: Errors of these commands that are a user's mistake (one line, exit 2), by (module, class name).
 USER_ERRORS = {("loraforge.cora.extract", "CoRAExtractError")}

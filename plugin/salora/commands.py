@@ -12,12 +12,12 @@ def _ranks(p):
     p.add_argument("--json", help="also write the numbers to this JSON file (default: none)")
 
 
-#: name -> (module, function taking the parsed arguments, one-line help, description, add_arguments, epilog,
-#: files the command's positional `adapter` folder must hold, checked before any import)
+#: name -> (module, function taking the parsed arguments, one-line help, description, add_arguments, epilog)
 COMMANDS = {
     "ranks": ("loraforge.salora.cli", "ranks", "per-module rank table of a SaLoRA adapter",
               "Per-module ranks of a SaLoRA adapter (or of a stock LoRA adapter written by `loraforge export`).",
               _ranks, None),
 }
-#: The command's argument that names a saved adapter folder, checked before any import.
+#: command -> (its argument naming a saved adapter folder, the files that folder must hold): checked
+#: before any import, so a mistyped path is answered at once.
 ADAPTER_ARGUMENTS = {"ranks": ("adapter", ("adapter_config.json", "adapter_model.safetensors"))}
