@@ -4,27 +4,29 @@ One small strategy object per `budget_control` value, made by the controller (mo
 adapter; the controller calls `loss()` when the loss is formed, `after_step(step)` after an optimizer
 step taken inside the window, and `log_values()` when the trainer logs.
 
-The budget control (`budget_control`). Default "schedule": inside the window the target
+"schedule" (the default): inside the window the target
 b_t falls cubically (as AdaLoRA's budget) from C at init (11/12 at the default γ, ζ) to b at 3/4 of
 the window and then holds at b. The task gradient alone reaches the logits through the optimizer
 (no λ term in the loss); after each optimizer step the logits move by -μ·∂C/∂logit with the
-multiplier μ solved (a two-level grid search with a secant step, on the device) so that C = b_t: the gradient step
-of the Lagrangian term μ·(C - b_t) whose μ is the one that satisfies the constraint, instead of
+multiplier μ solved (a two-level grid search with a secant step, on the device) so that C = b_t: the
+gradient step of the Lagrangian term μ·(C - b_t) whose μ is the one that satisfies the constraint, instead of
 an ascended one. `salora/lambda` logs Λ = Σμ (it rises while b_t falls and settles in the hold).
 Two more pieces make it independent of the run length: the optimizer's own move of the logits is
-scaled by max(1, min(10 / window steps, 0.1) / gate_lr) (Adam moves a logit by at most ~gate_lr a step, so
-with the paper's 0.01 a 60-step window, a 200-step run, cannot move them the ~2.4 units that
+scaled by max(1, min(10 / window steps, 0.1) / gate_lr) (Adam moves a logit by at most ~gate_lr a
+step, so with the paper's 0.01 a 60-step window, a 200-step run, cannot move them the ~2.4 units that
 C = 0.5 needs; from a 1,000-step window on the step is the paper's), and over the hold the
 logits' distances from the ĝ > 0 threshold grow 20× (C kept on b), so the gates end decisively
 on one side: the realised density (ĝ > 0) equals C, and the exact selection at the freeze keeps
 the ranks the gates chose. Without the sharpening C = b left the realised density 0.08-0.09
 under b (tiny MLP at 100 steps: 0.422 at b = 0.5; experiments/salora_budget.py at 2,000 steps:
 0.375 at b = 0.464).
+
 "paper" is Eq. 12: the term λ·(C - b)² in the loss, λ ascended after each optimizer step inside
 the window by the gradient of the loss w.r.t. λ at the parameters that loss was computed at
 (simultaneous gradient descent-ascent, Algorithm 1): `λ ← max(0, λ + η_c·(C_t - b)²)`. In the
 linear-quadratic form `λ1 ← λ1 + η_c·(C_t - b)` is not projected: it is the multiplier of an
 equality constraint, so its sign is free (as in the two-multiplier form of Wang et al. 2020).
+
 Measured (experiments/salora_budget.py; docs/methods.md): at T = 200 / 1,000 / 5,000 steps
 "paper" ends the window at C - b = +0.47 / +0.29 at T = 200 / 1,000 (3 seeds, b = 0.36-0.50: never
 reached), "schedule" at |C - b| < 1e-3 and |realised - b| <= 0.01 at T = 200 / 1,000 / 5,000.
