@@ -24,7 +24,7 @@ import os
 import sys
 
 # Choices repeated from the modules that own them (importing those would import torch);
-# tests/test_cli_help.py checks that both sides agree.
+# tests/integrations/test_cli_help.py checks that both sides agree.
 STYLE_TASKS = ("yelp-neg2pos", "yelp-pos2neg", "gyafc-inf2for", "gyafc-for2inf")
 STYLE_TEMPLATES = ("alpaca", "paper", "tstbench")
 STYLE_PROTOCOLS = ("loraforge", "paper")

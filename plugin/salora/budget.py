@@ -27,7 +27,7 @@ the window by the gradient of the loss w.r.t. λ at the parameters that loss was
 linear-quadratic form `λ1 ← λ1 + η_c·(C_t - b)` is not projected: it is the multiplier of an
 equality constraint, so its sign is free (as in the two-multiplier form of Wang et al. 2020).
 
-Measured (experiments/salora_budget.py; docs/methods.md): at T = 200 / 1,000 / 5,000 steps
+Measured (experiments/salora_budget.py; docs/methods.md, "SaLoRA: budget control"): at T = 200 / 1,000 / 5,000 steps
 "paper" ends the window at C - b = +0.47 / +0.29 at T = 200 / 1,000 (3 seeds, b = 0.36-0.50: never
 reached), "schedule" at |C - b| < 1e-3 and |realised - b| <= 0.01 at T = 200 / 1,000 / 5,000.
 λ (and Λ, μ) are device tensors updated in place: no host sync per step.

@@ -3,7 +3,8 @@
 Objective: `L = L_task + β·R_orth + [inside the window] λ·(C - b)²`
 (`lagrangian="linear_quadratic"`: `λ1·(C - b) + λ2·(C - b)²`), with
 - `R_orth = Σ_i ||B_iᵀB_i - I||_F² + ||A_i A_iᵀ - I||_F²`, divided by the number of adapted layers K
-  for `orth_reg_reduction="mean"` (default; docs/methods.md) or summed ("sum", Eq. 10);
+  for `orth_reg_reduction="mean"` (default; docs/methods.md, "SaLoRA: the orthogonal term and its
+  reduction") or summed ("sum", Eq. 10);
 - `C` the parameter-weighted expected density (closed-form expected L0, Eq. 8/11).
 
 Decisions the paper leaves open:
