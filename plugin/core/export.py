@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 
 import torch
 from peft import LoraConfig
@@ -18,30 +17,40 @@ from safetensors.torch import save_file
 
 from ..export_formats import FORMATS, write
 from .driver import drivers
-from .layer import ForgeLinear, _eval_mode
+from .factors import stock_factors
+from .layer import ForgeLinear
 
 logger = logging.getLogger("loraforge.export")
 
 
-@torch.no_grad()
-def stock_factors(layer: ForgeLinear, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B', A') with `B' A'` = the layer's whole update on the original base weight."""
-    with _eval_mode(layer):
-        b, a = layer.factors(adapter)
-    dtype = torch.promote_types(b.dtype, torch.float32)  # at least fp32; fp64 factors stay fp64
-    b, a = b.to(dtype) * layer.scaling[adapter], a.to(dtype)
-    for axis in layer.forge_axes.get(adapter, []):
-        b, a = axis.export_factors(b, a)
-    return b, a
-
-
 def export_lora(model, out_dir: str, adapter: str = "default", dtype: torch.dtype | None = None,
                 format: str = "peft", **options) -> dict[str, int]:
-    """Write `model`'s loraforge adapter to `out_dir`; return the module ranks written.
+    """Write `model`'s loraforge adapter to `out_dir` as a stock PEFT LoRA adapter that plain `peft` loads,
+    or in another serving format (`format`).
 
-    `format`: `"peft"` (stock PEFT LoRA, per-module ranks in `rank_pattern` / `alpha_pattern`), `"uniform"`
-    (one rank and one alpha for every module) or `"gguf"` (a llama.cpp / Ollama adapter; `options`:
-    `base_gguf`); see `loraforge.export_formats`.
+    Each module's whole update on the original base weight (gates folded in, pruned ranks dropped,
+    a Delta-LoRA snapshot appended, the scaling folded into B) is written as `B' A'` with scaling 1;
+    `loraforge_export.json` beside it records the method's state (densities, snapshot step, basis).
+
+    Args:
+        model (`PeftModel`): a model holding the loraforge adapter, not merged.
+        out_dir (`str`): the folder to write (created if missing).
+        adapter (`str`, defaults to `"default"`): the adapter to export.
+        dtype (`torch.dtype`, *optional*): the dtype of the written factors (default: that of `lora_A`).
+        format (`str`, defaults to `"peft"`): `"peft"` (per-module ranks in `rank_pattern` / `alpha_pattern`),
+            `"uniform"` (one rank and one alpha for every module) or `"gguf"` (a llama.cpp / Ollama adapter);
+            see `loraforge.export_formats`.
+        options: `gguf`: `base_gguf` (the base model's GGUF, for the Ollama Modelfile).
+
+    Returns:
+        `dict[str, int]`: module name -> the rank written for it.
+
+    Example:
+
+        ```py
+        >>> ranks = loraforge.export_lora(model, "stock_adapter")
+        >>> stock = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("base"), "stock_adapter")
+        ```
     """
     if format not in FORMATS:
         raise ValueError(f"format: must be one of {FORMATS}, got {format!r}")
@@ -105,50 +114,3 @@ def export_lora(model, out_dir: str, adapter: str = "default", dtype: torch.dtyp
     with open(os.path.join(out_dir, "loraforge_export.json"), "w") as f:
         json.dump(meta, f, indent=2, sort_keys=True)
     return ranks
-
-
-def base_of(adapter_dir: str) -> str | None:
-    """The base model an adapter was trained on, from its adapter_config.json (None if not recorded)."""
-    from loraforge_cli import UsageError
-
-    path = os.path.join(adapter_dir, "adapter_config.json")
-    if not os.path.isfile(path):
-        raise UsageError(f"no adapter_config.json in {adapter_dir!r}; pass the folder of a saved adapter")
-    with open(path) as f:
-        return json.load(f).get("base_model_name_or_path") or None
-
-
-def export_args(args) -> int:
-    """`loraforge export` with parsed arguments (see loraforge_cli)."""
-    from loraforge_cli import UsageError
-    from transformers import AutoModelForCausalLM
-
-    from .io import load_adapter
-
-    recorded = base_of(args.adapter)
-    base = args.base or recorded
-    if base is None:
-        raise UsageError(f"{args.adapter}/adapter_config.json records no base_model_name_or_path; "
-                         "pass the base model folder with --base")
-    if not os.path.isdir(base):
-        source = "--base" if args.base else f"base_model_name_or_path in {args.adapter}/adapter_config.json"
-        raise UsageError(f"no base model folder {base!r} ({source}); pass the folder the adapter was trained on "
-                         "with --base")
-    model = load_adapter(AutoModelForCausalLM.from_pretrained(base), args.adapter)
-    fmt = args.format
-    logger.addHandler(logging.StreamHandler(sys.stdout))  # the format's summary: padding cost, Modelfile
-    logger.setLevel(logging.INFO)
-    options = {"base_gguf": args.base_gguf} if fmt == "gguf" and args.base_gguf else {}
-    try:
-        ranks = export_lora(model, args.out, format=fmt, **options)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    print(f"wrote a {fmt} LoRA adapter ({len(ranks)} modules, ranks {min(ranks.values())}-{max(ranks.values())}) "
-          f"from base {base} to {args.out}")
-    return 0
-
-
-def main(argv: list[str]) -> int:
-    from loraforge_cli import parse
-
-    return export_args(parse("export", argv))
