@@ -66,6 +66,10 @@ def _train(p):
     p.add_argument("--max-steps", type=int, help="override training.max_steps (default: the YAML's value)")
     p.add_argument("--output-dir", help="override training.output_dir (default: the YAML's value, "
                                         "else outputs/loraforge)")
+    p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in the "
+                                                         "output folder (as training.resume_from_checkpoint: true)")
+    p.add_argument("--overwrite", action="store_true", help="start over in an output folder that holds checkpoints "
+                                                            "of an earlier run (they are removed)")
 
 
 def _ranks(p):
@@ -244,6 +248,7 @@ def _usage() -> str:
 USER_ERRORS = {
     ("loraforge_cli", "UsageError"), ("loraforge.core.config", "ForgeConfigError"),
     ("loraforge.train", "TrainConfigError"), ("loraforge.cora.extract", "CoRAExtractError"),
+    ("loraforge.core.files", "DamagedFileError"), ("loraforge.core.finite", "NonFiniteError"),
     ("builtins", "FileNotFoundError"), ("builtins", "NotADirectoryError"), ("yaml.error", "YAMLError"),
 }
 

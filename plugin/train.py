@@ -143,6 +143,7 @@ def run(cfg: dict) -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig
 
+    from .core.checkpoint import save_adapter_atomically
     from .core.sft import LoraForgeSFTTrainer
     from .data import alpaca_dataset
     from .models import default_model_path
@@ -181,8 +182,8 @@ def run(cfg: dict) -> str:
             raise TrainConfigError(
                 f"max_length: every example lost its response to truncation at {args.max_length} tokens; raise max_length"
             )
-        trainer.train()
-    trainer.save_model(args.output_dir)
+        trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    save_adapter_atomically(trainer, args.output_dir)
     return args.output_dir
 
 
@@ -209,7 +210,14 @@ def run_args(args) -> int:
         training["max_steps"] = args.max_steps
     if args.output_dir is not None:
         training["output_dir"] = args.output_dir
-    report_outputs(run(cfg))
+    from .core.checkpoint import resume_point
+    from .core.run_lock import hold
+
+    out = training.setdefault("output_dir", "outputs/loraforge")
+    with hold(out):  # one job per output folder; then resume, refuse or start over
+        training["resume_from_checkpoint"] = resume_point(
+            out, getattr(args, "resume", False) or training.get("resume_from_checkpoint"), getattr(args, "overwrite", False))
+        report_outputs(run(cfg))
     return 0
 
 

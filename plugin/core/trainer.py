@@ -147,6 +147,17 @@ class LoraForgeTrainerMixin:
         steps = getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
         return 1.0 / steps if scaled else 1.0
 
+    def _save_checkpoint(self, model, trial) -> None:
+        from .checkpoint import save_checkpoint_atomically  # staged, flushed and renamed: whole or absent
+
+        save_checkpoint_atomically(self, super()._save_checkpoint, model, trial)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
+        from .checkpoint import restore_exact_state
+
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        restore_exact_state(_unwrap(self.model), resume_from_checkpoint)
+
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs:
             for d in self.forge_drivers():

@@ -265,6 +265,30 @@ class DeltaPropagation(Axis):
                     "propagation='folded', or merge_and_unload() this one first")
         return None
 
+    # checkpoints ----------------------------------------------------------------------------
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        """In place: W and the fp32 residual, saved with trainer checkpoints. Rebuilding W from the
+        factors on resume rounds differently from the step-by-step writes (1 ulp of W), and Adam turns
+        that into 1e-6 differences in A within a few steps; a resume from these is exact."""
+        w = self.layer.get_base_layer().weight
+        if not self.in_place or self.applied is None or sharding.engine(w) is not None:
+            return {}
+        out = {"weight": w.detach()}
+        if self.residual is not None:
+            out["residual"] = self.residual
+        return out
+
+    @torch.no_grad()
+    def restore_checkpoint_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """After the adapter's state was loaded from a checkpoint: W (and the residual) as they were saved."""
+        if not tensors or not self.in_place:
+            return
+        self.layer.get_base_layer().weight.data.copy_(tensors["weight"])
+        self.residual = tensors["residual"].to(torch.float32).clone() if "residual" in tensors else None
+        target = self.target()
+        self.applied = None if target is None else (target[0].detach().clone(), target[1].detach().clone())
+        self.applied_snapshot = None
+
     # load -----------------------------------------------------------------------------------
     def _before_load(self, module, state_dict, prefix, *args, **kwargs) -> None:
         # A whole-model state dict (an FSDP / ZeRO-3 checkpoint) carries W with the factors it was built from.
