@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from transformers import Trainer, TrainerCallback
 
-from . import sharding
+from . import finite, sharding
 from .config import ForgeConfigError, require
 from .driver import Driver, drivers, pin_constant_lr
 
@@ -32,6 +32,7 @@ class _ForgeCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         refuse_ddp_without_unused_parameters(self.trainer.model_wrapped, self.trainer.forge_drivers())
+        finite.note_output_dir(args.output_dir)
         if optimizer is not None:  # the scheduler's first value (0 in a warmup) must not reach the gates
             pin_constant_lr(optimizer)
         for d in self.trainer.forge_drivers():
@@ -127,6 +128,7 @@ class LoraForgeTrainerMixin:
         if not model.training:
             return out
         loss, outputs = out if return_outputs else (out, None)
+        finite.note_loss(loss)
         for d in self.forge_drivers():
             reg = d.regularization_loss()
             if reg is not None:
@@ -162,6 +164,7 @@ class LoraForgeTrainerMixin:
         if "loss" in logs:
             for d in self.forge_drivers():
                 logs.update({k: round(v, 6) for k, v in d.log_values().items()})
+            logs.update(finite.log_values())
         super().log(logs, *args, **kwargs)
 
 

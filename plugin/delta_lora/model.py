@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 
+from ..core import finite
 from ..core.driver import Controller
 from .layer import DeltaPropagation
 
@@ -64,7 +65,10 @@ class DeltaLoRAController(Controller):
                 "factors get no gradient and W would take the update twice. Call model.unmerge_adapter() before "
                 "training and merge only at the end.")
         self._catch_up(step)  # the snapshot at K; refuses a state past K without one
-        if step > self.start_step and self.config.propagation == "in_place":
+        if step > self.start_step and self.config.propagation == "in_place" and not getattr(self.driver, "step_skipped", False):
+            if not finite.bounded_update([(*ax.factors(), *ax.applied) for ax in self.axes if ax.applied is not None],
+                                         max(abs(ax.coef) for ax in self.axes), self.axes[0].weight.dtype):
+                return finite.count_bad_step(step, "W += λ·s·(B A - B_K A_K) would overflow W (the factors blew up)")
             for ax in self.axes:
                 ax.propagate()
 
