@@ -164,6 +164,9 @@ def run(cfg: dict) -> str:
     # as Axolotl 0.21 pins, has only the old name).
     if "activation_checkpointing" in SFTConfig.__dataclass_fields__:
         training.setdefault("activation_checkpointing", training.pop("gradient_checkpointing", True))
+    from .core.finite import check_numbers
+
+    check_numbers(training, SFTConfig, "training")
     try:
         args = SFTConfig(**training)
     except TypeError as exc:

@@ -66,9 +66,10 @@ class CoRAConfig(ForgeConfig):
                     f"use r <= {widest} or extract a basis with --rank {self.r}")
 
     def axes(self) -> list[type]:
+        from ..core.fingerprint import ForwardRecord
         from .layer import BasisAxis
 
-        return [BasisAxis]
+        return [BasisAxis, ForwardRecord]
 
     def controllers(self) -> list[type]:
         from .model import CoRAProvenance

@@ -43,6 +43,9 @@ def export_lora(model, out_dir: str, adapter: str = "default", dtype: torch.dtyp
         raise ValueError("lora_bias=True adapters cannot be exported as stock LoRA by loraforge yet")
     if any(layer.merged for layer in layers):
         raise ValueError("the adapter is merged into the base weights: call unmerge_adapter() before export")
+    from .finite import refuse_non_finite
+
+    refuse_non_finite(get_peft_model_state_dict(model, adapter_name=adapter), f"adapter {adapter!r}")
     tensors, ranks = {}, {}
     for layer in layers:
         b, a = stock_factors(layer, adapter)
@@ -104,6 +107,15 @@ def export_args(args) -> int:
 
     from .io import load_adapter
 
+    from safetensors.torch import load_file
+
+    from .files import WEIGHTS_NAME, check_adapter_folder
+    from .finite import refuse_non_finite
+
+    check_adapter_folder(args.adapter)  # one line for a missing, truncated or damaged file
+    weights = os.path.join(args.adapter, WEIGHTS_NAME)
+    if os.path.isfile(weights):
+        refuse_non_finite(load_file(weights), weights)
     recorded = base_of(args.adapter)
     base = args.base or recorded
     if base is None:

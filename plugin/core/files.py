@@ -68,11 +68,44 @@ def read_adapter_config(folder: str) -> dict:
     return config
 
 
+def safetensors_shapes(path: str) -> dict[str, list[int]]:
+    """Tensor name -> shape, from a safetensors file's header alone."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    return {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
+
+
+def check_adapter_fits(folder: str, base_model) -> None:
+    """Refuse in one line an adapter whose factors do not fit the base's Linear layers (a base of another
+    width), naming the module and both shapes, before PEFT's many-line size-mismatch error."""
+    path = os.path.join(folder, WEIGHTS_NAME)
+    if not os.path.isfile(path):
+        return
+    modules = dict(base_model.named_modules())
+    for key, shape in safetensors_shapes(path).items():
+        for kind, axis, attr in (("lora_A.weight", 1, "in_features"), ("lora_B.weight", 0, "out_features")):
+            if not key.endswith("." + kind) or len(shape) != 2:
+                continue
+            name = key[: -len(kind) - 1].removeprefix("base_model.model.")
+            module = modules.get(name)
+            size = getattr(module, attr, None)
+            if isinstance(size, int) and shape[axis] != size:
+                raise DamagedFileError(
+                    f"{path}: {key} has shape {tuple(shape)} but the base's {name} is {module.out_features}×"
+                    f"{module.in_features} ({attr} {size}); the adapter was trained on another base model: load it "
+                    "onto that one")
+
+
 def check_adapter_folder(folder: str) -> dict:
     """Refuse in one line an adapter folder that is missing, incomplete or damaged; returns its config."""
     if not os.path.isdir(folder):
         raise DamagedFileError(f"no adapter folder {folder!r}; pass the output_dir of a training run (it holds "
                                f"{CONFIG_NAME})")
+    parts = os.path.normpath(os.path.abspath(folder)).split(os.sep)
+    if any(part.startswith(".partial-") for part in parts):
+        raise DamagedFileError(f"{folder} is the staging folder of a save that was interrupted, not a saved adapter; "
+                               "use a checkpoint-N folder or the output_dir of a finished run")
     config = read_adapter_config(folder)
     weights = os.path.join(folder, WEIGHTS_NAME)
     if not os.path.isfile(weights):
@@ -84,6 +117,17 @@ def check_adapter_folder(folder: str) -> dict:
     if problem:
         raise DamagedFileError(problem)
     return config
+
+
+def read_utf8(path, what: str) -> str:
+    """The text of `path`; a file that is not UTF-8 is refused naming the file and the first bad line."""
+    raw = open(path, "rb").read()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise DamagedFileError(f"{what}: {path} is not UTF-8 text (line {line}, byte {exc.start}: "
+                               f"{raw[exc.start:exc.start + 1]!r}); save it as UTF-8") from None
 
 
 def fsync_tree(folder: str) -> None:

@@ -145,3 +145,25 @@ def refuse_non_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
 
 def log_values() -> dict[str, float]:
     return {"nonfinite_skipped_steps": float(STATE.skipped)} if STATE.skipped else {}
+
+
+def check_numbers(values: dict, config_cls, section: str) -> None:
+    """Refuse in one line a field of the dataclass `config_cls` whose default is a number but whose value in
+    `values` is not a finite one (`learning_rate: abc`, `.nan`, `.inf`): the libraries take them as given."""
+    import dataclasses
+    import math
+
+    from .files import DamagedFileError
+
+    defaults = {f.name: f.default for f in dataclasses.fields(config_cls)}
+    for key, value in values.items():
+        default = defaults.get(key)
+        if isinstance(default, (int, float)) and not isinstance(default, bool) and value is not None:
+            if isinstance(value, str):  # YAML 1.1 reads `2e-4` (no dot) as a string
+                try:
+                    value = values[key] = float(value)
+                except ValueError:
+                    pass
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not ok:
+                raise DamagedFileError(f"{section}.{key}: {value!r} is not a finite number (e.g. {key}: {default!r})")

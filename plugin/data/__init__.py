@@ -28,7 +28,9 @@ def alpaca_records(path=None) -> list[dict]:
     else:
         if not Path(path).is_file():
             raise FileNotFoundError(f"data: no file {str(path)!r}; pass a .json or .jsonl file of Alpaca records")
-        text, name = Path(path).read_text(encoding="utf-8"), str(path)
+        from ..core.files import read_utf8
+
+        text, name = read_utf8(path, "data"), str(path)
     try:
         if text.lstrip().startswith("["):
             records = json.loads(text)
@@ -37,6 +39,8 @@ def alpaca_records(path=None) -> list[dict]:
     except json.JSONDecodeError as exc:
         raise ValueError(f"data: {name} is not JSON / JSON Lines ({exc.msg} at line {exc.lineno}); "
                          "expected Alpaca records {instruction, input, output}") from None
+    if not isinstance(records, list) or not records:
+        raise ValueError(f"data: {name} holds no records; expected a list of Alpaca records {{instruction, input, output}}")
     check_alpaca(records, name)
     return records
 
@@ -47,6 +51,9 @@ def check_alpaca(records, name: str = "records") -> None:
         if missing:
             raise ValueError(f"data: record {i} of {name} lacks {sorted(missing)} "
                              "(Alpaca format expected: instruction, input, output)")
+        for field in ALPACA_FIELDS:
+            if not isinstance(r.get(field, ""), str) and not (field == "input" and r[field] is None):
+                raise ValueError(f"data: record {i} of {name} has {field}: {json.dumps(r[field])}; it must be a string")
 
 
 def alpaca_dataset(source=None):

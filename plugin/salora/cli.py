@@ -28,11 +28,12 @@ def _split(key: str) -> tuple[str, str] | None:
 
 def read_adapter(path: str) -> tuple[dict, dict[str, dict]]:
     """(adapter config dict, module -> {tensor name: tensor}) of a saved adapter folder."""
-    from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
+    from peft.utils import SAFETENSORS_WEIGHTS_NAME
     from safetensors.torch import load_file
 
-    with open(os.path.join(path, CONFIG_NAME)) as f:
-        config = json.load(f)
+    from ..core.files import check_adapter_folder
+
+    config = check_adapter_folder(path)  # one line for a missing, truncated or damaged file
     modules: dict[str, dict] = {}
     for key, value in load_file(os.path.join(path, SAFETENSORS_WEIGHTS_NAME)).items():
         parts = _split(key)

@@ -28,6 +28,8 @@ experiments/salora_planted.py, see the module docstrings of `model.py` and `laye
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -42,7 +44,7 @@ BUDGET_CONTROLS = ("schedule", "paper")
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)  # no nan / inf
 
 
 @dataclass
@@ -162,9 +164,10 @@ class SaLoRAConfig(ForgeConfig):
         return start, end
 
     def axes(self) -> list[type]:
+        from ..core.fingerprint import ForwardRecord
         from .layer import HardConcreteGate
 
-        return [HardConcreteGate]
+        return [HardConcreteGate, ForwardRecord]
 
     def controllers(self) -> list[type]:
         from .model import SaLoRAController

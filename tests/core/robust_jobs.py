@@ -60,10 +60,11 @@ def write_job(path: Path, cfg: dict) -> str:
 
 
 # Runs `loraforge train` in a child process that SIGKILLs itself at a chosen point: right after the
-# checkpoint of step N is saved (`save`), or inside the save of step N, once the model is written and
-# before the optimizer is (`inside-save`).
+# checkpoint of step N is saved (`save`); inside the save of step N, once the model is written and
+# before the optimizer is (`inside-save`); inside the final adapter's save, once its weights are in
+# place and before its config is (`final-save`). `pause` sleeps 10 s after the checkpoint of step N.
 KILLER = """
-import os, signal, sys
+import os, signal, sys, time
 import transformers.trainer
 from transformers import Trainer, TrainerCallback
 where, step = sys.argv[1], int(sys.argv[2])
@@ -73,6 +74,14 @@ class Kill(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if where == "save" and state.global_step == step:
             die()
+        if where == "pause" and state.global_step == step:
+            time.sleep(10)
+replace = os.replace
+def killing_replace(src, dst, *args, **kwargs):
+    if where == "final-save" and str(dst).endswith("adapter_config.json"):
+        die()
+    return replace(src, dst, *args, **kwargs)
+os.replace = killing_replace
 transformers.trainer.DEFAULT_CALLBACKS.append(Kill)
 save_optimizer = Trainer._save_optimizer_and_scheduler
 def killing_save(self, output_dir):
@@ -85,10 +94,16 @@ sys.exit(main(sys.argv[3:]))
 """
 
 
-def run_killed(where: str, step: int, *argv: str) -> subprocess.CompletedProcess:
+def start_killed(where: str, step: int, *argv: str) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    return subprocess.run([sys.executable, "-c", KILLER, where, str(step), "train", *argv], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.Popen([sys.executable, "-c", KILLER, where, str(step), "train", *argv], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def run_killed(where: str, step: int, *argv: str) -> subprocess.CompletedProcess:
+    proc = start_killed(where, step, *argv)
+    out, err = proc.communicate(timeout=600)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def tree_bytes(folder: Path) -> dict[str, bytes]:
