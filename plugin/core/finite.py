@@ -52,6 +52,7 @@ def note_output_dir(output_dir: Optional[str]) -> None:
     """A run begins: where its checkpoints go (for the closing error's advice); the counts start afresh."""
     STATE.output_dir = output_dir
     STATE.consecutive = STATE.skipped = STATE.first_bad = 0
+    STATE.last_loss = None
 
 
 def _all_finite(tensors: list[torch.Tensor]) -> bool:

@@ -79,6 +79,7 @@ class _PlanCallback(TrainerCallback):
     the last step) reach users of any trainer. It never takes charge of training (see `Driver.plan`)."""
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        finite.note_output_dir(args.output_dir)  # the non-finite guard's counts start afresh
         if model is not None:
             for d in drivers(_unwrap(model)):
                 d.plan(state.max_steps)

@@ -414,7 +414,7 @@ class SaLoRAController(Controller):
         was_inside = self.in_window()  # the step just taken (number `step`) ran inside the window
         self.step = step
         self.sampler.forget()  # the logits moved (in place; a fused optimizer does not bump their versions)
-        if was_inside:
+        if was_inside and not getattr(self.driver, "step_skipped", False):  # a skipped (non-finite) step moves nothing
             if self.config.budget_control == "paper":
                 density = self._last_density if self._last_density is not None else self.expected_density().detach()
                 lam, gap = self.lam_state, density.to(self.lam_state.device) - self.config.target_density

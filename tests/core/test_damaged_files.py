@@ -118,7 +118,8 @@ def test_truncated_weights_empty_config_and_no_peft_type(adapters, tmp_path, cap
         _refused(capsys, command, str(weights), "truncated safetensors file")
     empty = _copy(adapters["salora"], tmp_path, "empty")
     (empty / "adapter_config.json").write_text("")
-    _refused(capsys, ["ranks", str(empty)], str(empty / "adapter_config.json"), "is empty")
+    for command in (["ranks", str(empty)], ["export", str(empty), "--out", str(tmp_path / "x")]):
+        _refused(capsys, command, str(empty / "adapter_config.json"), "is empty")
     no_type = _copy(adapters["delta_lora_folded"], tmp_path, "no_type")
     _edit_config(no_type, peft_type=None)
     _refused(capsys, ["export", str(no_type), "--out", str(tmp_path / "y")], str(no_type / "adapter_config.json"),

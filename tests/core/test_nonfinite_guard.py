@@ -94,3 +94,57 @@ def test_hand_loop_skips_a_nan_step_and_stops_after_five(job_dir, method):
     with pytest.raises(finite.NonFiniteError, match=rf"training stopped at step {n + 7}: 5 optimizer steps in a row \(from step {n + 3}\)"):
         step(True)
     assert _all_finite(model)
+
+
+def _poisoned(cls, start: int):
+    """`cls` whose training loss is NaN from optimizer step `start + 1` on."""
+
+    class Poisoned(cls):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+            if self.state.global_step < start:
+                return out
+            return (out[0] * float("nan"), out[1]) if return_outputs else out * float("nan")
+
+    return Poisoned
+
+
+class _Keep(TrainerCallback):
+    """The model's floating state right after optimizer step 3."""
+
+    state = None
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == 3:
+            _Keep.state = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+
+@pytest.mark.parametrize("trainer, method", [("transformers.Trainer", "delta_lora_in_place"),
+                                             ("transformers.Trainer", "cora"), ("LoraForgeTrainer", "salora")])
+def test_trainers_skip_nan_steps_and_stop(job_dir, tmp_path, lm_dataset, trainer, method):
+    from peft import get_peft_model
+    from transformers import Trainer, TrainingArguments
+
+    from loraforge import SaLoRAConfig
+
+    config = {
+        "delta_lora_in_place": DeltaLoRAConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], start_step=1,
+                                               propagation="in_place"),
+        "cora": CoRAConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], freeze_b=False,
+                           basis_path=str(job_dir / "cora-basis.safetensors")),
+        "salora": SaLoRAConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], window_start=0.1,
+                               window_end=0.75),
+    }[method]
+    model = get_peft_model(testing.tiny_llama(seed=0), config)
+    cls = _poisoned(Trainer if trainer == "transformers.Trainer" else loraforge.LoraForgeTrainer, start=3)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=12, learning_rate=2e-3,
+                             save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, logging_steps=1)
+    t = cls(model=model, args=args, train_dataset=lm_dataset, callbacks=[_Keep()])
+    with pytest.raises(finite.NonFiniteError, match=r"training stopped at step 8: 5 optimizer steps in a row "
+                                                    r"\(from step 4\).* \(loss [^)]+\)"):
+        t.train()
+    now = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+    assert _all_finite(model)
+    moved = [k for k in now if not torch.equal(now[k], _Keep.state[k])]
+    assert moved == []  # five NaN steps changed no weight, factor, gate, λ or W
+    assert loraforge.driver(model).step == 7  # the skipped steps are numbered like the trainer's
