@@ -55,14 +55,20 @@ def note_output_dir(output_dir: Optional[str]) -> None:
     STATE.last_loss = None
 
 
-def _all_finite(tensors: list[torch.Tensor]) -> bool:
-    if not tensors:
-        return True
+def _all_finite(tensors: list[torch.Tensor], device=None) -> bool:
+    """Whether every element of `tensors` is finite, agreed by every rank (each may hold only a shard)."""
     local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
-    # The max-abs norm: NaN and inf pass through it, and a finite 1e20 does not overflow (a 2-norm would).
-    norms = torch._foreach_norm([t.float() if t.dtype not in (torch.float32, torch.float64) else t for t in local],
-                                ord=float("inf"))
-    return bool(torch.isfinite(torch.stack([n.to(norms[0].device) for n in norms])).all())
+    if local:
+        # The max-abs norm: NaN and inf pass through it, and a finite 1e20 does not overflow (a 2-norm would).
+        norms = torch._foreach_norm([t.float() if t.dtype not in (torch.float32, torch.float64) else t for t in local],
+                                    ord=float("inf"))
+        bad = (~torch.isfinite(torch.stack([n.to(norms[0].device) for n in norms]))).any().float()
+    else:
+        bad = torch.zeros((), device=device)
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank skips the same steps
+    return not bool(bad)
 
 
 def guard_step(optimizer: torch.optim.Optimizer, step: int, drivers=()) -> bool:
@@ -76,8 +82,9 @@ def guard_step(optimizer: torch.optim.Optimizer, step: int, drivers=()) -> bool:
     Returns:
         True if every gradient is finite (the step goes ahead).
     """
-    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    ok = _all_finite([p.grad for p in params])
+    every = [p for g in optimizer.param_groups for p in g["params"]]
+    params = [p for p in every if p.grad is not None]
+    ok = _all_finite([p.grad for p in params], every[0].device if every else None)
     for d in drivers:
         d.step_skipped = not ok
     if ok:
@@ -116,7 +123,8 @@ def stop_message(step: int, what: str) -> str:
 
 def check_parameters(driver, step: int) -> None:
     """After a step: the adapter's values must all be finite (they are what every later save writes)."""
-    if not _all_finite([p.detach() for p in driver.parameters()]):
+    params = driver.parameters()
+    if not _all_finite([p.detach() for p in params], params[0].device if params else None):
         raise NonFiniteError(stop_message(step, "the optimizer step made an adapter value non-finite (the learning "
                                                 "rate or the gradients are too large)"))
 

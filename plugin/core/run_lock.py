@@ -34,6 +34,7 @@ def hold(output_dir: str, announce=print):
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun / accelerate only the first rank guards the folder
         yield
         return
+    created = not os.path.isdir(output_dir)
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, LOCK_NAME)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -60,3 +61,6 @@ def hold(output_dir: str, announce=print):
                 os.remove(path)
     finally:
         os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):
+                os.rmdir(output_dir)  # a job refused before it wrote anything leaves no empty folder behind
