@@ -57,7 +57,7 @@ def note_output_dir(output_dir: Optional[str]) -> None:
 
 def _all_finite(tensors: list[torch.Tensor], device=None) -> bool:
     """Whether every element of `tensors` is finite, agreed by every rank (each may hold only a shard)."""
-    local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+    local = [t for t in (t.to_local() if hasattr(t, "to_local") else t for t in tensors) if t.numel()]  # shards may be empty
     if local:
         # The max-abs norm: NaN and inf pass through it, and a finite 1e20 does not overflow (a 2-norm would).
         norms = torch._foreach_norm([t.float() if t.dtype not in (torch.float32, torch.float64) else t for t in local],
