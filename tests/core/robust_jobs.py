@@ -33,7 +33,7 @@ def job_dir(tmp_path_factory):
 
 # method -> (tiny config, adapter fields changed for a 6-step job)
 METHODS = {
-    "salora": ("salora.yaml", {}),  # window 0.1-0.75 of 6 steps: steps 1-4, open at the kill after step 4
+    "salora": ("salora.yaml", {"window_end": 0.9}),  # of 6 steps: window (1, 5], open at a kill after step 4
     "delta_lora_folded": ("delta_lora.yaml", {"start_step": 2}),
     "delta_lora_in_place": ("delta_lora.yaml", {"start_step": 2, "propagation": "in_place"}),
     "cora": ("cora_tb.yaml", {}),
