@@ -12,12 +12,16 @@ also pins right after each scheduler step, so the group shows its true lr betwee
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 from transformers import Trainer, TrainerCallback
 
 from . import finite, sharding
 from .config import ForgeConfigError, require
 from .driver import Driver, drivers, pin_constant_lr
+
+logger = logging.getLogger(__name__)
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -149,6 +153,16 @@ class LoraForgeTrainerMixin:
             )
         steps = getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
         return 1.0 / steps if scaled else 1.0
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        if resume_from_checkpoint is True:  # the last COMPLETE checkpoint (transformers takes the last one)
+            from .checkpoint import last_complete
+
+            path, skipped = last_complete(self.args.output_dir)
+            for folder, why in skipped:
+                logger.warning("skipping the incomplete checkpoint %s (%s)", folder, why)
+            resume_from_checkpoint = path or True  # none: transformers' own "no valid checkpoint" error
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _save_checkpoint(self, model, trial) -> None:
         from .checkpoint import save_checkpoint_atomically  # staged, flushed and renamed: whole or absent

@@ -183,3 +183,23 @@ def test_loaded_config_keeps_yaml_numbers(job_dir, tmp_path):
     values = {"learning_rate": "2e-4", "max_steps": 3}
     check_numbers(values, SFTConfig, "training")
     assert values == {"learning_rate": 2e-4, "max_steps": 3}
+
+
+def test_resume_true_through_the_python_api_skips_an_incomplete_checkpoint(tmp_path, lm_dataset):
+    """`trainer.train(resume_from_checkpoint=True)` takes the last COMPLETE checkpoint, not an empty later folder."""
+    from peft import get_peft_model
+    from transformers import TrainingArguments
+
+    from loraforge import DeltaLoRAConfig, LoraForgeTrainer
+
+    def trainer(steps):
+        model = get_peft_model(testing.tiny_llama(seed=0), DeltaLoRAConfig(r=4, target_modules=["q_proj"], start_step=1))
+        args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=steps, save_steps=2,
+                                 save_strategy="steps", report_to=[], use_cpu=True, disable_tqdm=True)
+        return LoraForgeTrainer(model=model, args=args, train_dataset=lm_dataset)
+
+    trainer(2).train()
+    (tmp_path / "checkpoint-3").mkdir()  # what a kill inside another tool's save leaves
+    t = trainer(4)
+    t.train(resume_from_checkpoint=True)
+    assert t.state.global_step == 4 and (tmp_path / "checkpoint-4" / "trainer_state.json").is_file()
