@@ -132,16 +132,26 @@ def save_checkpoint_atomically(trainer, save, model, trial) -> None:
             trainer.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
             trainer.state.save_to_json(os.path.join(staged, TRAINER_STATE))
         fsync_tree(staged)
-        if os.path.isdir(final):  # an earlier run's folder of this step (--overwrite removed the others)
-            shutil.rmtree(final)
+        old = os.path.join(run_dir, f"{STAGING_PREFIX}old-{name}")
+        if os.path.isdir(final):  # an earlier folder of this step: moved aside, removed once the new one is in
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
         os.rename(staged, final)
         fsync_dir(run_dir)
         shutil.rmtree(staging_parent, ignore_errors=True)
-        from transformers.trainer_utils import rotate_checkpoints
-
-        rotate_checkpoints(output_dir=run_dir, save_total_limit=trainer.args.save_total_limit,
-                           best_model_checkpoint=trainer.state.best_model_checkpoint, use_mtime=True)
+        shutil.rmtree(old, ignore_errors=True)
+        _rotate(trainer, run_dir)
     trainer.accelerator.wait_for_everyone()
+
+
+def _rotate(trainer, run_dir: str) -> None:
+    """transformers' save_total_limit, applied to the real output folder (it ran on the staging one)."""
+    try:
+        from transformers.trainer_utils import rotate_checkpoints
+    except ImportError:  # older transformers: a Trainer method
+        return trainer._rotate_checkpoints(use_mtime=True, output_dir=run_dir)
+    rotate_checkpoints(output_dir=run_dir, save_total_limit=trainer.args.save_total_limit,
+                       best_model_checkpoint=trainer.state.best_model_checkpoint, use_mtime=True)
 
 
 def save_adapter_atomically(trainer, output_dir: str) -> None:
