@@ -9,10 +9,9 @@ as before (nothing to compare).
 from __future__ import annotations
 
 import torch
-from peft.tuners.tuners_utils import BufferDict
 
-from .config import ForgeConfigError
-from .layer import Axis
+from .errors import ForgeConfigError
+from .layer import STATE, Axis
 
 NAME = "lora_forge_forward"
 
@@ -20,10 +19,10 @@ NAME = "lora_forge_forward"
 class ForwardRecord(Axis):
     """Saves [r, scaling] of this layer's adapter and refuses a load whose config disagrees."""
 
+    tensors = {NAME: STATE}
+
     def __init__(self, layer, adapter: str, config) -> None:
         super().__init__(layer, adapter, config)
-        if not hasattr(layer, NAME):
-            setattr(layer, NAME, BufferDict({}, persistent=True))
         getattr(layer, NAME)[adapter] = torch.tensor(self._now(), dtype=torch.float64,
                                                      device=layer.get_base_layer().weight.device)
 

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from ..core import finite
-from ..core.driver import Controller
+from ..core.controller import Controller
 from .layer import DeltaPropagation
 
 
@@ -65,12 +65,12 @@ class DeltaLoRAController(Controller):
                 "factors get no gradient and W would take the update twice. Call model.unmerge_adapter() before "
                 "training and merge only at the end.")
         self._catch_up(step)  # the snapshot at K; refuses a state past K without one
-        if step > self.start_step and self.config.propagation == "in_place" and not getattr(self.driver, "step_skipped", False):
-            if not finite.bounded_update([(*ax.factors(), *ax.applied) for ax in self.axes if ax.applied is not None],
-                                         max(abs(ax.coef) for ax in self.axes), self.axes[0].weight.dtype):
+        if step > self.start_step and not getattr(self.driver, "step_skipped", False):  # skipped: nothing moved
+            applied = [(*ax.factors(), *ax.applied) for ax in self.axes if getattr(ax, "applied", None) is not None]
+            if not finite.bounded_update(applied, max(abs(ax.coef) for ax in self.axes), self.axes[0].weight.dtype):
                 return finite.count_bad_step(step, "W += λ·s·(B A - B_K A_K) would overflow W (the factors blew up)")
             for ax in self.axes:
-                ax.propagate()
+                ax.after_step()  # in place: W += λ·s·(P_{t+1} - P_t); folded: nothing
 
     @torch.no_grad()
     def log_values(self) -> dict[str, float]:
