@@ -19,7 +19,7 @@ import os
 import sys
 
 # Choices repeated from the modules that own them (importing those would import torch);
-# tests/test_cli_help.py checks that both sides agree.
+# tests/integrations/test_cli_help.py checks that both sides agree.
 CORA_GROUPS = ("module", "layer")
 CORA_SOURCES = ("weights", "deltas")
 CORA_SVDS = ("exact", "randomized")

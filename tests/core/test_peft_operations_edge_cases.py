@@ -1,5 +1,5 @@
 """One test per point of "every PEFT operation works exactly or refuses clearly" that the operations
-matrix (test_peft_ops.py) does not already settle: SaLoRA's gate before the window, low_cpu_mem_usage
+matrix (test_peft_operations.py) does not already settle: SaLoRA's gate before the window, low_cpu_mem_usage
 injection, target_parameters, the dtype of control state, DDP's unused parameters, and the run-length
 warning under a plain Trainer."""
 from __future__ import annotations
@@ -15,7 +15,7 @@ from transformers import Trainer, TrainingArguments
 import loraforge
 from loraforge import testing
 from loraforge.core.config import ForgeConfigError
-from test_peft_ops import TARGETS, X, close, forge_layers, logits, train
+from test_peft_operations import TARGETS, X, close, forge_layers, logits, train
 
 
 # 1. SaLoRA before its window: g = 1 in training, eval, merge and export -----------------------------

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FENCE = re.compile(r"^```(\w+)\n(.*?)^```", re.M | re.S)
 SKIP = re.compile(r"<!-- readme-test: skip \((.+)\) -->\s*$")
 

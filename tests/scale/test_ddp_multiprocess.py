@@ -1,6 +1,6 @@
 """Every method under DDP: 2 CPU processes (gloo) launched by `accelerate launch`, against one process.
 
-One `accelerate launch --multi_gpu --num_processes 2` runs all cases (tests/ddp_worker.py; on a
+One `accelerate launch --multi_gpu --num_processes 2` runs all cases (tests/scale/ddp_worker.py; on a
 CPU-only machine `--multi_gpu` only selects accelerate's torchrun launcher, and the worker's
 `TrainingArguments(use_cpu=True, ddp_backend="gloo")` make it DDP over gloo; `--cpu` would start one
 process, as accelerate leaves multi-process CPU runs to MPI), one plain process runs the same cases
@@ -102,8 +102,8 @@ def test_ranks_agree_and_match_one_process(runs, case):
 
 def test_sharded_weights_train(runs):
     """FSDP2 (`fully_shard`) and FSDP1 (flat parameters, use_orig_params) on 2 gloo ranks: every method
-    trains in a hand loop, on every rank, including a driver made before sharding (tests/test_fsdp.py
-    checks the results against one process)."""
+    trains in a hand loop, on every rank, including a driver made before sharding
+    (tests/scale/test_fsdp_sharded_training.py checks the results against one process)."""
     for tag in ("rank0", "rank1"):
         error = runs / f"sharded.{tag}.error"
         assert not error.exists(), error.read_text()

@@ -1,7 +1,7 @@
 """SaLoRA and Delta-LoRA sharded by FSDP2 (`fully_shard`) and FSDP1 (FULL_SHARD; SHARD_GRAD_OP for
 SaLoRA and in-place Delta-LoRA) on 2 gloo ranks.
 
-One `torch.distributed.run --nproc_per_node 2` runs every case (tests/fsdp_worker.py), one plain
+One `torch.distributed.run --nproc_per_node 2` runs every case (tests/scale/fsdp_worker.py), one plain
 process trains the same cases unsharded on the whole global batch of 8, both at once. What must
 hold after 8 AdamW steps (SaLoRA's window 2..6 inside the run; Delta-LoRA's K = 2):
 - both ranks hold bit-identical whole adapter state (factors, gate logits, frozen gates, λ, window,
