@@ -333,8 +333,19 @@ def test_half_precision_forward_and_control_state(basis, case, dtype):
 
 @pytest.mark.parametrize("case", CASES)
 def test_bf16_autocast_forward_matches_fp32(basis, case):
+    """Every adapted layer computes in bf16 under autocast (its output says so), and the logits agree with
+    fp32 to bf16's resolution without being fp32's own (a forward that ignored autocast would give those)."""
     model = trained(case, basis)
     expected = logits(model)
-    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
-        out = model(input_ids=X).logits
+    layers = forge_layers(model)
+    seen = []
+    hooks = [layer.register_forward_hook(lambda module, args, output: seen.append(output.dtype)) for layer in layers]
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+            out = model(input_ids=X).logits
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(layers) == 6 and seen == [torch.bfloat16] * len(layers)  # 3 targets in each of 2 layers
+    assert out.dtype == torch.bfloat16 and not torch.equal(out.float(), expected)
     close(out.float(), expected, atol=3e-2)
