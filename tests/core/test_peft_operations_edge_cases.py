@@ -106,6 +106,7 @@ def test_dtype_casts_and_peft_device_moves_keep_control_state_exact(tmp_path):
     logits_fp32 = [l.lora_gate_logits["default"].detach().clone() for l in forge_layers(model)]
     model.to(torch.bfloat16).half().float().to(torch.bfloat16)
     layers = forge_layers(model)
+    assert len(layers) == len(logits_fp32) == 6  # 3 targets in each of 2 layers
     assert torch.equal(layers[0].lora_salora_lambda["default"], lam)
     assert all(torch.equal(l.lora_gate_logits["default"], g) for l, g in zip(layers, logits_fp32))
     assert layers[0].lora_A["default"].weight.dtype == torch.bfloat16
@@ -113,6 +114,7 @@ def test_dtype_casts_and_peft_device_moves_keep_control_state_exact(tmp_path):
     model.save_pretrained(str(tmp_path))
     loaded = PeftModel.from_pretrained(testing.tiny_llama(0, dtype=torch.bfloat16), str(tmp_path), low_cpu_mem_usage=True)
     layers = forge_layers(loaded)
+    assert len(layers) == 6
     assert torch.equal(layers[0].lora_salora_lambda["default"], lam)
     assert all(torch.equal(l.lora_gate_logits["default"], g) for l, g in zip(layers, logits_fp32))
 
@@ -139,6 +141,7 @@ def test_ddp_without_unused_parameter_detection_fails_on_its_own_at_step_two(glo
 def test_ddp_find_unused_parameters_false_is_refused_at_train_begin(tmp_path, gloo_world_of_one, lm_dataset, find_unused):
     model = _salora_before_window()
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert len(before) == 6 * 3  # A, B and the gate logits of 3 targets in 2 layers
 
     class DDPTrainer(loraforge.LoraForgeTrainer):
         def _wrap_model(self, model, training=True, dataloader=None):  # what accelerate does on several ranks

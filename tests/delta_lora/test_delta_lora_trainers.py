@@ -15,7 +15,9 @@ from loraforge.core.layer import ForgeLinear
 
 
 def _layers(model):
-    return [m for m in model.modules() if isinstance(m, ForgeLinear)]
+    found = [m for m in model.modules() if isinstance(m, ForgeLinear)]
+    assert found, "the model holds no loraforge layer"  # a check over them must not pass on nothing
+    return found
 
 
 def _state(model):

@@ -37,7 +37,9 @@ def _batches(n, seed=7, size=(4, 12)):
 
 
 def _layers(model):
-    return [m for m in model.modules() if isinstance(m, ForgeLinear)]
+    found = [m for m in model.modules() if isinstance(m, ForgeLinear)]
+    assert found, "the model holds no loraforge layer"  # a check over them must not pass on nothing
+    return found
 
 
 def _train(model, steps, lr=3e-3, on_step=None):

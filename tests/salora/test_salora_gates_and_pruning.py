@@ -32,7 +32,9 @@ def _sigmoid(x: float) -> float:
 
 
 def salora_model(seed: int = 0, **config):
-    return get_peft_model(testing.tiny_llama(seed), loraforge.SaLoRAConfig(**config))
+    model = get_peft_model(testing.tiny_llama(seed), loraforge.SaLoRAConfig(**config))
+    assert len(loraforge.driver(model).layers) == 14  # SaLoRA's default: the 7 linears of each of 2 layers
+    return model
 
 
 def randomize(model, seed: int = 1, mean: float = -2.0, std: float = 2.0) -> None:
