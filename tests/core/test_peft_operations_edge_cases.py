@@ -1,16 +1,14 @@
-"""One test per point of "every PEFT operation works exactly or refuses clearly" that the operations
-matrix (test_peft_operations.py) does not already settle: SaLoRA's gate before the window, low_cpu_mem_usage
-injection, target_parameters, the dtype of control state, DDP's unused parameters, and the run-length
-warning under a plain Trainer."""
+"""PEFT operations that the matrix of test_peft_operations.py does not cover: SaLoRA before its gate
+window (eval, merge and export use g = 1), low_cpu_mem_usage injection, target_parameters, the dtype of
+control state under casts and autocast_adapter_dtype, DDP's unused parameters, and deep copies."""
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
-from transformers import Trainer, TrainingArguments
+from transformers import TrainingArguments
 
 import loraforge
 from loraforge import testing
@@ -18,11 +16,11 @@ from loraforge.core.config import ForgeConfigError
 from test_peft_operations import TARGETS, X, close, forge_layers, logits, train
 
 
-# 1. SaLoRA before its window: g = 1 in training, eval, merge and export -----------------------------
+# SaLoRA before its window: g = 1 in training, eval, merge and export -----------------------------
 def test_salora_before_its_window_evaluates_merges_and_exports_what_it_trains(tmp_path):
     model = get_peft_model(testing.tiny_llama(0), loraforge.SaLoRAConfig(r=4, target_modules=TARGETS,
                                                                           window_start=30, window_end=40))
-    train(model, steps=10, max_steps=40)  # step 10 of 40, window 30-40 (the issue's probe)
+    train(model, steps=10, max_steps=40)  # step 10 of 40, window 30-40
     model.train()  # no dropout anywhere in this model: training mode is deterministic
     with torch.no_grad():
         training_mode = model(input_ids=X).logits
@@ -39,7 +37,7 @@ def test_salora_before_its_window_evaluates_merges_and_exports_what_it_trains(tm
     close(logits(model), training_mode)
 
 
-# 2. low_cpu_mem_usage through inject_adapter_in_model -------------------------------------------------
+# low_cpu_mem_usage through inject_adapter_in_model -------------------------------------------------
 @pytest.mark.parametrize("make", [
     lambda: loraforge.SaLoRAConfig(r=4, target_modules=TARGETS, window_start=1, window_end=3, gate_lr=0.5),
     lambda: loraforge.DeltaLoRAConfig(r=4, target_modules=TARGETS, start_step=2, update_ratio=2.0),
@@ -56,7 +54,7 @@ def test_inject_adapter_in_model_with_low_cpu_mem_usage(make):
     close(logits(model), logits(source), atol=1e-6)
 
 
-# 4. target_parameters ---------------------------------------------------------------------------------
+# target_parameters ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("cls", [loraforge.SaLoRAConfig, loraforge.DeltaLoRAConfig, loraforge.CoRAConfig])
 def test_target_parameters_is_refused_naming_the_field(cls):
     with pytest.raises(ForgeConfigError, match=r"^target_parameters: .* remove target_parameters and list the Linear"):
@@ -64,7 +62,7 @@ def test_target_parameters_is_refused_naming_the_field(cls):
             **({"basis_path": "no-such-file"} if cls is loraforge.CoRAConfig else {}))
 
 
-# 6. gate logits and PEFT's autocast_adapter_dtype ----------------------------------------------------
+# gate logits and PEFT's autocast_adapter_dtype ----------------------------------------------------
 @pytest.mark.parametrize("autocast", [True, False])
 def test_gate_state_stays_fp32_whatever_autocast_adapter_dtype(autocast):
     """Decision: A and B follow PEFT's rule (upcast to fp32 unless autocast_adapter_dtype=False); gate
@@ -94,7 +92,7 @@ def test_gate_state_stays_fp32_whatever_autocast_adapter_dtype(autocast):
     assert torch.isfinite(out).all()
 
 
-# 7. model.to(dtype) keeps λ and the other control state ---------------------------------------------
+# model.to(dtype) keeps λ and the other control state ---------------------------------------------
 def test_dtype_casts_and_peft_device_moves_keep_control_state_exact(tmp_path):
     model = get_peft_model(testing.tiny_llama(0), loraforge.SaLoRAConfig(r=4, target_modules=TARGETS,
                                                                           window_start=1, window_end=3, gate_lr=0.5))
@@ -119,7 +117,7 @@ def test_dtype_casts_and_peft_device_moves_keep_control_state_exact(tmp_path):
     assert all(torch.equal(l.lora_gate_logits["default"], g) for l, g in zip(layers, logits_fp32))
 
 
-# 8. DDP with find_unused_parameters=False ------------------------------------------------------------
+# DDP with find_unused_parameters=False ------------------------------------------------------------
 def _salora_before_window():
     return get_peft_model(testing.tiny_llama(0), loraforge.SaLoRAConfig(r=4, target_modules=TARGETS,
                                                                          window_start=4, window_end=8))
@@ -161,22 +159,7 @@ def test_ddp_find_unused_parameters_false_is_refused_at_train_begin(tmp_path, gl
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
 
 
-# 9. Delta-LoRA's run-length warning under a plain Trainer ---------------------------------------------
-@pytest.mark.parametrize("trainer_cls", [Trainer, loraforge.LoraForgeTrainer])
-def test_a_run_that_never_reaches_start_step_warns_under_any_trainer(tmp_path, lm_dataset, trainer_cls):
-    model = get_peft_model(testing.tiny_llama(0), loraforge.DeltaLoRAConfig(r=4, target_modules=TARGETS, start_step=10))
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2, report_to=[],
-                             use_cpu=True, save_strategy="no", disable_tqdm=True)
-    trainer = trainer_cls(model=model, args=args, train_dataset=lm_dataset.select(range(6)))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        trainer.train()
-    ours = [w for w in caught if "start_step=10 >= max_steps=3" in str(w.message)]
-    assert len(ours) == 1, [str(w.message) for w in caught]
-    assert loraforge.driver(model).step == 3
-
-
-# found on the way: copies ----------------------------------------------------------------------------
+# deep copies -----------------------------------------------------------------------------------------
 def test_a_deep_copy_trains_like_the_original():
     """copy.deepcopy rebuilds layers without update_layer; the copy must still be driven (else plain LoRA)."""
     make = lambda: get_peft_model(testing.tiny_llama(0), loraforge.DeltaLoRAConfig(  # noqa: E731

@@ -117,13 +117,15 @@ def test_one_draw_gives_every_layer_the_per_layer_hard_concrete_sample(ranks):
     assert axes[1].rank_gate() is not gates[1]  # and every layer shares the new draw
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
 @pytest.mark.parametrize("reentrant", [False, True])
-def test_checkpoint_recomputation_sees_the_same_gates_and_dropout(reentrant):
-    """Gate gradients with and without activation checkpointing agree; with lora_dropout on, they only
-    do if the recomputed blocks also draw the same dropout masks (the drawing layer repeats its draw)."""
+def test_checkpoint_recomputation_sees_the_same_gates_and_dropout(reentrant, dropout):
+    """Gate gradients with and without activation checkpointing agree: the recomputed blocks see the same
+    gate sample; with lora_dropout on, they also draw the same dropout masks (the drawing layer repeats
+    its draw)."""
     grads = []
     for checkpointing in (False, True):
-        model = model_with_mixed_ranks(window_start=0, window_end=5, lora_dropout=0.2)
+        model = model_with_mixed_ranks(window_start=0, window_end=5, lora_dropout=dropout)
         loraforge.driver(model).begin(max_steps=5)
         if checkpointing:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
