@@ -1,6 +1,6 @@
 """CoRA: LoRA whose B starts from a common SVD subspace of several fine-tuned models.
 
-Decisions the paper leaves open (see METHODS.md, CoRA):
+Decisions the paper leaves open (see docs/methods.md, "CoRA: training with the basis"):
 - `B` of a module starts as the first `r` columns of that module's basis `U` (key = the module's
   path in the base model, e.g. `model.layers.0.self_attn.q_proj`; written by `loraforge cora-extract`).
   `r` may be smaller than the basis rank, never larger (`rank_pattern` is honoured per module).

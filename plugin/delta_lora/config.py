@@ -1,4 +1,4 @@
-"""Delta-LoRA: the frozen weight moves by the delta of the low-rank product. See METHODS.md.
+"""Delta-LoRA: the frozen weight moves by the delta of the low-rank product. See docs/methods.md, "Delta-LoRA".
 
 After optimizer step t > K: `W ← W + λ·s·(B_{t+1} A_{t+1} - B_t A_t)`, which telescopes to
 `W_T = W_0 + λ·s·(B_T A_T - B_K A_K)`; `(B_K, A_K)` are the factors right after optimizer step K

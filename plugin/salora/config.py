@@ -1,4 +1,4 @@
-"""SaLoRA (structure-aware LoRA): Hard-Concrete rank gates under an L0 budget. See METHODS.md.
+"""SaLoRA (structure-aware LoRA): Hard-Concrete rank gates under an L0 budget. See docs/methods.md, "SaLoRA".
 
 Decisions the paper leaves open (measured in benchmarks/bench_salora.py and
 experiments/salora_planted.py, see the module docstrings of `model.py` and `layer.py`):
@@ -15,7 +15,7 @@ experiments/salora_planted.py, see the module docstrings of `model.py` and `laye
   λ(C - b)² with λ <- max(0, λ + η_c·(C - b)²). Measured in experiments/salora_budget.py (planted
   ranks, 3 seeds, runs of 200 / 1,000 / 5,000 steps, the paper's other defaults): "schedule" ends the
   window at |C - b| < 1e-3 and |realised - b| <= 0.01 at every length; "paper" at C - b = +0.47 /
-  +0.29 at 200 / 1,000 steps, i.e. never reaches b (as METHODS.md measured at LLaMA run lengths).
+  +0.29 at 200 / 1,000 steps, i.e. never reaches b (docs/methods.md, "SaLoRA: budget control").
 - `prune_budget` decides which ranks survive when the gates freeze at the end of the window (the
   rest of training then adapts to exactly those ranks, and eval, merge and export use them):
   "gate" keeps the ranks whose deterministic gate ĝ is > 0 (the paper's rule), "exact" keeps the

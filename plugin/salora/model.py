@@ -3,7 +3,8 @@
 Objective: `L = L_task + β·R_orth + [inside the window] λ·(C - b)²`
 (`lagrangian="linear_quadratic"`: `λ1·(C - b) + λ2·(C - b)²`), with
 - `R_orth = Σ_i ||B_iᵀB_i - I||_F² + ||A_i A_iᵀ - I||_F²`, divided by the number of adapted layers K
-  for `orth_reg_reduction="mean"` (default; METHODS.md) or summed ("sum", Eq. 10);
+  for `orth_reg_reduction="mean"` (default; docs/methods.md, "SaLoRA: the orthogonal term and its
+  reduction") or summed ("sum", Eq. 10);
 - `C` the parameter-weighted expected density (closed-form expected L0, Eq. 8/11).
 
 Decisions the paper leaves open:
@@ -28,7 +29,7 @@ Decisions the paper leaves open:
   (simultaneous gradient descent-ascent, Algorithm 1): `λ ← max(0, λ + η_c·(C_t - b)²)`. In the
   linear-quadratic form `λ1 ← λ1 + η_c·(C_t - b)` is not projected: it is the multiplier of an
   equality constraint, so its sign is free (as in the two-multiplier form of Wang et al. 2020).
-  Measured (experiments/salora_budget.py, the note of issue 14): at T = 200 / 1,000 / 5,000 steps
+  Measured (experiments/salora_budget.py; docs/methods.md, "SaLoRA: budget control"): at T = 200 / 1,000 / 5,000 steps
   "paper" ends the window at C - b = +0.47 / +0.29 at T = 200 / 1,000 (3 seeds, b = 0.36-0.50: never
   reached), "schedule" at |C - b| < 1e-3 and |realised - b| <= 0.01 at T = 200 / 1,000 / 5,000.
   λ (and Λ, μ) are device tensors updated in place: no host sync per step.

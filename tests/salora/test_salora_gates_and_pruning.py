@@ -322,7 +322,8 @@ def test_ranks_cli_reads_a_saved_adapter_without_the_base_model(tmp_path, capsys
     by_hand = live_by_hand(model)
     for name, live in by_hand.items():
         row = next(line for line in printed.splitlines() if line.startswith(name + " "))
-        # never trained, so before the window: the eval gate is 1 and export keeps all 8 ranks (METHODS.md)
+        # never trained, so before the window: the eval gate is 1 and export keeps all 8 ranks
+        # (docs/methods.md, "SaLoRA: the gates")
         assert int(row.split()[3]) == live and int(row.split()[4]) == 8
     w = widths(model)
     realized = sum(by_hand[m] * w[m] for m in w) / (8 * sum(w.values()))
