@@ -22,9 +22,7 @@ import loraforge
 from loraforge import testing
 from loraforge.core.config import ForgeConfigError
 from loraforge.core.layer import ForgeLinear
-
-TARGETS = ["q_proj", "v_proj", "up_proj"]
-X = torch.randint(3, 500, (2, 10), generator=torch.Generator().manual_seed(5))
+from tiny_adapters import TARGETS, X, close, forge_layers, logits, train
 
 
 def _basis(path) -> str:
@@ -59,25 +57,6 @@ def basis(tmp_path_factory):
     return _basis(tmp_path_factory.mktemp("basis") / "basis.safetensors")
 
 
-def train(model, steps: int, max_steps: int, seed: int = 0) -> None:
-    """A hand loop driven as the README says: begin, the driver's loss term and param groups."""
-    d = loraforge.driver(model).begin(max_steps)
-    special = d.param_groups(1e-2, 0.0)
-    taken = {id(p) for g in special for p in g["params"]}
-    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in taken]
-    opt = torch.optim.AdamW([{"params": rest}, *special], lr=3e-2, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(steps):
-        ids = torch.randint(3, 500, (4, 12), generator=gen)
-        loss = model(input_ids=ids, labels=ids).loss
-        reg = d.regularization_loss()
-        (loss if reg is None else loss + reg).backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval()
-
-
 _TRAINED: dict = {}
 
 
@@ -103,11 +82,6 @@ def trained(case: str, basis: str, second: bool = False):
     return copy.deepcopy(_TRAINED[key])
 
 
-@torch.no_grad()
-def logits(model) -> torch.Tensor:
-    return model(input_ids=X).logits
-
-
 def base_logits() -> torch.Tensor:
     return logits(testing.tiny_llama(0).eval())
 
@@ -128,14 +102,6 @@ def moved_base_logits(model, adapter: str = "default") -> torch.Tensor:
 
 def moved(case: str) -> bool:
     return case == "delta_in_place"
-
-
-def close(actual, expected, atol=1e-5):
-    torch.testing.assert_close(actual, expected, atol=atol, rtol=1e-5)
-
-
-def forge_layers(model):
-    return [m for m in model.modules() if isinstance(m, ForgeLinear)]
 
 
 # save / load ------------------------------------------------------------------------------------
