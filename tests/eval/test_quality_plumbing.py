@@ -96,3 +96,16 @@ def test_rerun_skips_finished_runs(run):
     before = run["out"].read_text()
     assert quality.main(run["argv"]) == 0
     assert run["out"].read_text() == before
+
+
+def test_instruction_task_scores_its_split_and_zero_shot_yelp(run, tmp_path):
+    out = tmp_path / "alpaca.jsonl"
+    argv = ["--task", "alpaca", "--model", run["model"], "--steps", "4", "--seeds", "0", "--lrs", "5e-3",
+            "--systems", "base", "lora8", "--out", str(out)]
+    assert quality.main(argv) == 0
+    rows = {r["system"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert set(rows) == {"base", "lora8"} and all(r["task"] == "alpaca" for r in rows.values())
+    assert set(rows["lora8"]["nll"]) == {"alpaca", "all"}
+    assert set(rows["lora8"]["zero_shot_yelp"]) == {"neg2pos", "pos2neg", "all"}
+    assert rows["lora8"]["nll"]["alpaca"] != rows["base"]["nll"]["alpaca"]
+    assert rows["lora8"]["zero_shot_yelp"]["all"] != rows["base"]["zero_shot_yelp"]["all"]
