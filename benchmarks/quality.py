@@ -18,12 +18,13 @@ basis that `loraforge cora-extract` writes from three LoRA fine-tunes of SmolLM2
 neg2pos only, Yelp pos2neg only, alpaca_mini), from their weight deltas.
 
 Run order, so that a cut-short run still has the most useful rows: the base model; the CoRA
-fine-tunes; seed 0 at every grid lr for the main systems; the other seeds at each main system's
-best lr; then the same for the extra systems. Every finished run is one JSON line in `--out`;
+fine-tunes; seed 0 at every grid lr for the main systems, and one lr a grid step beyond the grid's
+edge for a system whose best grid lr is on that edge; the other seeds at each main system's best
+lr; then the same for the extra systems. Every finished run is one JSON line in `--out`;
 a rerun skips the runs already there (resumable). `quality_report.py` renders the table and plot.
 
 Run: OMP_NUM_THREADS=1 python benchmarks/quality.py [--task yelp] [--quick] [--seeds 0 1 2] [--steps 24]
-     [--lrs 3e-3 1e-2] [--systems lora8 ...] [--out benchmarks/results/quality.jsonl]
+     [--lrs 1e-3 3e-3] [--systems lora8 ...] [--out benchmarks/results/quality.jsonl]
 """
 from __future__ import annotations
 
@@ -189,19 +190,35 @@ def done_keys(path: str) -> set:
         return {(r["task"], r["system"], r["lr"], r["seed"], r["steps"]) for r in map(json.loads, filter(str.strip, f))}
 
 
-def plan(args, results: list[dict]) -> list[tuple[str, float, int]]:
-    """The (system, lr, seed) runs still wanted, in priority order; best lrs from the finished seed-0 runs."""
-    def best_lr(system):
-        rows = [r for r in results if r["task"] == args.task and r["system"] == system and r["seed"] == args.seeds[0]
-                and r["steps"] == args.steps]
-        return min(rows, key=lambda r: r["nll"]["all"])["lr"] if rows else None
+def plan(args, results: list[dict]):
+    """The (system, lr, seed) runs wanted, in priority order, and a resolver for the lrs not known yet
+    ("best": the lowest seed-0 NLL so far; "edge": one grid step beyond the grid's edge when the grid's best
+    lr sits on it, else no run)."""
+    def seed0(system):
+        return {r["lr"]: r["nll"]["all"] for r in results if r["task"] == args.task and r["system"] == system
+                and r["seed"] == args.seeds[0] and r["steps"] == args.steps}
+
+    def resolve(system, which):
+        sweep = seed0(system)
+        if which == "best":
+            return min(sweep, key=sweep.get) if sweep else None
+        grid = sorted(args.lrs)
+        if len(grid) < 2 or any(lr not in sweep for lr in grid):
+            return None
+        best = min(grid, key=sweep.get)
+        if best == grid[0]:
+            return float(f"{grid[0] * grid[0] / grid[1]:.2g}")
+        if best == grid[-1]:
+            return float(f"{grid[-1] * grid[-1] / grid[-2]:.2g}")
+        return None
 
     runs = [("base", 0.0, 0)] if "base" in args.systems else []
     for group in (MAIN, EXTRA):
         group = [s for s in group if s in args.systems]
         runs += [(s, lr, args.seeds[0]) for s in group for lr in args.lrs]
-        runs += [(s, None, seed) for s in group for seed in args.seeds[1:]]  # lr filled in once the sweep is done
-    return runs, best_lr
+        runs += [(s, "edge", args.seeds[0]) for s in group]
+        runs += [(s, "best", seed) for s in group for seed in args.seeds[1:]]
+    return runs, resolve
 
 
 def main(argv=None) -> int:
@@ -212,7 +229,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--lrs", type=float, nargs="+", default=[3e-3, 1e-2])
+    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3])
     parser.add_argument("--systems", nargs="+", default=SYSTEMS, choices=SYSTEMS)
     parser.add_argument("--basis-steps", type=int, default=16, help="steps of each CoRA source fine-tune")
     parser.add_argument("--basis-lr", type=float, default=5e-3)
@@ -243,11 +260,11 @@ def main(argv=None) -> int:
     if os.path.exists(args.out):
         with open(args.out) as f:
             results = [json.loads(line) for line in f if line.strip()]
-    runs, best_lr = plan(args, results)
+    runs, resolve = plan(args, results)
     basis = None
     for system, lr, seed in runs:
-        if lr is None:
-            lr = best_lr(system)
+        if isinstance(lr, str):
+            lr = resolve(system, lr)
             if lr is None:
                 continue
         if (args.task, system, lr, seed, args.steps) in done_keys(args.out):

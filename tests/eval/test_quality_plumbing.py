@@ -109,3 +109,23 @@ def test_instruction_task_scores_its_split_and_zero_shot_yelp(run, tmp_path):
     assert set(rows["lora8"]["zero_shot_yelp"]) == {"neg2pos", "pos2neg", "all"}
     assert rows["lora8"]["nll"]["alpaca"] != rows["base"]["nll"]["alpaca"]
     assert rows["lora8"]["zero_shot_yelp"]["all"] != rows["base"]["zero_shot_yelp"]["all"]
+
+
+def test_grid_is_extended_past_the_edge_that_wins():
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(task="yelp", seeds=[0, 1], steps=10, lrs=[1e-3, 3e-3], systems=["lora8"])
+
+    def rows(nlls):
+        return [{"task": "yelp", "system": "lora8", "seed": 0, "steps": 10, "lr": lr, "nll": {"all": v}}
+                for lr, v in nlls.items()]
+
+    runs, resolve = quality.plan(args, rows({1e-3: 1.0}))
+    assert runs == [("lora8", 1e-3, 0), ("lora8", 3e-3, 0), ("lora8", "edge", 0), ("lora8", "best", 1)]
+    assert resolve("lora8", "edge") is None  # the sweep is not finished
+    assert quality.plan(args, rows({1e-3: 1.0, 3e-3: 2.0}))[1]("lora8", "edge") == 3.3e-4
+    assert quality.plan(args, rows({1e-3: 2.0, 3e-3: 1.0}))[1]("lora8", "edge") == 9e-3
+    # the extension is part of the sweep the best lr comes from
+    assert quality.plan(args, rows({1e-3: 2.0, 3e-3: 1.0, 9e-3: 0.5}))[1]("lora8", "best") == 9e-3
+    args.lrs = [1e-3, 3e-3, 9e-3]
+    assert quality.plan(args, rows({1e-3: 2.0, 3e-3: 1.0, 9e-3: 1.5}))[1]("lora8", "edge") is None
