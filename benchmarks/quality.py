@@ -20,7 +20,8 @@ neg2pos only, Yelp pos2neg only, alpaca_mini), from their weight deltas.
 Run order, so that a cut-short run still has the most useful rows: the base model; the CoRA
 fine-tunes; seed 0 at every grid lr for the main systems, and one lr a grid step beyond the grid's
 edge for a system whose best grid lr is on that edge; the other seeds at each main system's best
-lr; then the same for the extra systems. Every finished run is one JSON line in `--out`;
+lr; the probes (`PROBES`: one setting of a main system changed) at that system's best lr, every
+seed; then the same as the main systems for the extra systems. Every finished run is one JSON line in `--out`;
 a rerun skips the runs already there (resumable). `quality_report.py` renders the table and plot.
 
 Run: OMP_NUM_THREADS=1 python benchmarks/quality.py [--task yelp] [--quick] [--seeds 0 1 2] [--steps 24]
@@ -43,7 +44,9 @@ import quality_data as qd  # noqa: E402
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MAIN = ["lora8", "lora4", "salora", "adalora", "delta0.5", "cora_fb", "cora_tb"]
 EXTRA = ["salora_paper", "delta2"]
-SYSTEMS = ["base", *MAIN, *EXTRA]
+#: One-factor probes of a main system, run at that system's best lr (cause measurements, not a sweep).
+PROBES = {"salora_b0": "salora"}
+SYSTEMS = ["base", *MAIN, *PROBES, *EXTRA]
 BASIS_SOURCES = {"ft_neg2pos": "neg2pos", "ft_pos2neg": "pos2neg", "ft_alpaca": "alpaca"}
 
 
@@ -63,6 +66,8 @@ def adapter_config(system: str, steps: int, basis: str | None):
                              tinit=start, tfinal=steps - end, deltaT=1, total_step=steps)
     if system in ("salora", "salora_paper"):
         return loraforge.SaLoRAConfig(**common, budget_control="paper" if system == "salora_paper" else "schedule")
+    if system == "salora_b0":
+        return loraforge.SaLoRAConfig(**common, orth_reg_weight=0.0)
     if system.startswith("delta"):
         # The paper's K = 500 is for runs of thousands of steps; here W starts to move after 10% of the run.
         return loraforge.DeltaLoRAConfig(**common, update_ratio=float(system[5:]), start_step=max(1, steps // 10))
@@ -199,6 +204,8 @@ def plan(args, results: list[dict]):
                 and r["seed"] == args.seeds[0] and r["steps"] == args.steps}
 
     def resolve(system, which):
+        if which == "parent":
+            return resolve(PROBES[system], "best")
         sweep = seed0(system)
         if which == "best":
             return min(sweep, key=sweep.get) if sweep else None
@@ -213,7 +220,10 @@ def plan(args, results: list[dict]):
         return None
 
     runs = [("base", 0.0, 0)] if "base" in args.systems else []
-    for group in (MAIN, EXTRA):
+    for group in (MAIN, list(PROBES), EXTRA):
+        if group is not MAIN and group is not EXTRA:
+            runs += [(s, "parent", seed) for s in group if s in args.systems for seed in args.seeds]
+            continue
         group = [s for s in group if s in args.systems]
         runs += [(s, lr, args.seeds[0]) for s in group for lr in args.lrs]
         runs += [(s, "edge", args.seeds[0]) for s in group]

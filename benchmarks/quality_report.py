@@ -17,7 +17,7 @@ from collections import defaultdict
 
 LABELS = {
     "base": "base model (no training)", "lora8": "PEFT LoRA r=8", "lora4": "PEFT LoRA r=4",
-    "salora": "SaLoRA r=8, b=0.5 (schedule)", "salora_paper": "SaLoRA r=8, b=0.5 (paper control)",
+    "salora": "SaLoRA r=8, b=0.5 (schedule)", "salora_b0": "SaLoRA r=8, b=0.5, β=0 (no orth. term)", "salora_paper": "SaLoRA r=8, b=0.5 (paper control)",
     "adalora": "PEFT AdaLoRA r=8→4", "delta0.5": "Delta-LoRA r=8 λ=0.5 (folded)", "delta2": "Delta-LoRA r=8 λ=2 (folded)",
     "cora_fb": "CoRA FB r=8", "cora_tb": "CoRA TB r=8",
 }
@@ -25,6 +25,8 @@ CLAIMS = [  # (claim, better system, than system)
     ("SaLoRA beats LoRA at equal final size", "salora", "lora4"),
     ("SaLoRA beats LoRA r=8 with fewer kept parameters", "salora", "lora8"),
     ("SaLoRA beats AdaLoRA at the same budget", "salora", "adalora"),
+    ("SaLoRA without its orthogonal term (β=0) beats SaLoRA (β=0.1)", "salora_b0", "salora"),
+    ("SaLoRA with β=0 beats LoRA at equal final size", "salora_b0", "lora4"),
     ("Delta-LoRA (λ=0.5) beats LoRA at the same rank", "delta0.5", "lora8"),
     ("Delta-LoRA (λ=2) beats LoRA at the same rank", "delta2", "lora8"),
     ("CoRA FB matches LoRA at about equal trainable parameters", "cora_fb", "lora4"),
