@@ -20,9 +20,10 @@ neg2pos only, Yelp pos2neg only, alpaca_mini), from their weight deltas.
 Run order, so that a cut-short run still has the most useful rows: the base model; the CoRA
 fine-tunes; seed 0 at every grid lr for the main systems, and one lr a grid step beyond the grid's
 edge for a system whose best grid lr is on that edge; the other seeds at each main system's best
-lr; the probes (`PROBES`: one setting of a main system changed) at that system's best lr, every
-seed; then the same as the main systems for the extra systems. Every finished run is one JSON line in `--out`;
-a rerun skips the runs already there (resumable). `quality_report.py` renders the table and plot.
+lr (the probes, `PROBES`: one setting of a main system changed, run at that system's best lr, seed
+0 before these seeds and the others after); then the same as the main systems for the extra
+systems. Every finished run is one JSON line in `--out`; a rerun skips the runs already there
+(resumable). `quality_report.py` renders the table and plot.
 
 Run: OMP_NUM_THREADS=1 python benchmarks/quality.py [--task yelp] [--quick] [--seeds 0 1 2] [--steps 24]
      [--lrs 1e-3 3e-3] [--systems lora8 ...] [--out benchmarks/results/quality.jsonl]
@@ -220,14 +221,16 @@ def plan(args, results: list[dict]):
         return None
 
     runs = [("base", 0.0, 0)] if "base" in args.systems else []
-    for group in (MAIN, list(PROBES), EXTRA):
-        if group is not MAIN and group is not EXTRA:
-            runs += [(s, "parent", seed) for s in group if s in args.systems for seed in args.seeds]
-            continue
+    probes = [s for s in PROBES if s in args.systems]
+    for group in (MAIN, EXTRA):
         group = [s for s in group if s in args.systems]
         runs += [(s, lr, args.seeds[0]) for s in group for lr in args.lrs]
         runs += [(s, "edge", args.seeds[0]) for s in group]
+        if group and group[0] == MAIN[0]:
+            runs += [(s, "parent", args.seeds[0]) for s in probes]
         runs += [(s, "best", seed) for s in group for seed in args.seeds[1:]]
+        if group and group[0] == MAIN[0]:
+            runs += [(s, "parent", seed) for s in probes for seed in args.seeds[1:]]
     return runs, resolve
 
 

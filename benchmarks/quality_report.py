@@ -112,12 +112,12 @@ def plot(summary: dict, path: str) -> None:
         m, sd = mean_sd([r["nll"]["all"] for r in runs])
         x = runs[0]["trainable"] / 1e6
         ax.errorbar(x, m, yerr=0 if sd != sd else sd, fmt="o", capsize=4, label=f"{LABELS[system]} ({len(runs)} seeds)")
-    if "base" in summary:
-        ax.axhline(summary["base"]["runs"][0]["nll"]["all"], color="grey", ls="--", lw=1, label="base model")
+        ax.annotate(system, (x, m), textcoords="offset points", xytext=(6, 3), fontsize=7)
     steps = next(iter(summary.values()))["steps"]
+    base = f"; base model {summary['base']['runs'][0]['nll']['all']:.3f}" if "base" in summary else ""
     ax.set_xlabel("trainable parameters (millions)")
-    ax.set_ylabel("held-out NLL per response token")
-    ax.set_title(f"SmolLM2-135M-Instruct, Yelp human rewrites, {steps} steps (mean ± sd over seeds)", fontsize=9)
+    ax.set_ylabel("held-out NLL per response token (lower is better)")
+    ax.set_title(f"SmolLM2-135M-Instruct, Yelp human rewrites, {steps} steps, mean ± sd over seeds{base}", fontsize=9)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
