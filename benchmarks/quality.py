@@ -46,7 +46,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 MAIN = ["lora8", "lora4", "salora", "adalora", "delta0.5", "cora_fb", "cora_tb"]
 EXTRA = ["salora_paper", "delta2"]
 #: One-factor probes of a main system, run at that system's best lr (cause measurements, not a sweep).
-PROBES = {"salora_b0": "salora"}
+PROBES = {"salora_b0": "salora", "cora_fb_alpaca": "cora_fb"}
 SYSTEMS = ["base", *MAIN, *PROBES, *EXTRA]
 BASIS_SOURCES = {"ft_neg2pos": "neg2pos", "ft_pos2neg": "pos2neg", "ft_alpaca": "alpaca"}
 
@@ -72,8 +72,8 @@ def adapter_config(system: str, steps: int, basis: str | None):
     if system.startswith("delta"):
         # The paper's K = 500 is for runs of thousands of steps; here W starts to move after 10% of the run.
         return loraforge.DeltaLoRAConfig(**common, update_ratio=float(system[5:]), start_step=max(1, steps // 10))
-    if system in ("cora_fb", "cora_tb"):
-        return loraforge.CoRAConfig(**common, basis_path=basis, freeze_b=system == "cora_fb")
+    if system in ("cora_fb", "cora_tb", "cora_fb_alpaca"):
+        return loraforge.CoRAConfig(**common, basis_path=basis, freeze_b=system != "cora_tb")
     raise ValueError(f"unknown system {system!r}")
 
 
@@ -158,19 +158,21 @@ def train(model, system: str, data, steps: int, lr: float, log=None) -> tuple[fl
     return sum(losses[-5:]) / len(losses[-5:]), time.time() - t0
 
 
-def make_basis(args, tokenizer, log) -> str:
-    """Fine-tune LoRA r=8 on three data sets and extract CoRA's basis from them with `loraforge cora-extract`."""
+def make_basis(args, tokenizer, log, names: tuple = tuple(BASIS_SOURCES)) -> str:
+    """Fine-tune LoRA r=8 on the data sets `names` (of `BASIS_SOURCES`) and extract CoRA's basis from them
+    with `loraforge cora-extract`."""
     from peft import get_peft_model
 
     from loraforge_cli import main as cli
 
     work = Path(args.out).with_suffix("").as_posix() + "_cora"
-    basis = os.path.join(work, "basis.safetensors")
+    basis = os.path.join(work, "basis.safetensors" if names == tuple(BASIS_SOURCES) else f"basis_{'+'.join(names)}.safetensors")
     if os.path.exists(basis):
         return basis
     os.makedirs(work, exist_ok=True)
     dirs = []
-    for name, source in BASIS_SOURCES.items():
+    for name in names:
+        source = BASIS_SOURCES[name]
         folder = os.path.join(work, name)
         dirs.append(folder)
         if os.path.exists(os.path.join(folder, "adapter_config.json")):
@@ -274,7 +276,7 @@ def main(argv=None) -> int:
         with open(args.out) as f:
             results = [json.loads(line) for line in f if line.strip()]
     runs, resolve = plan(args, results)
-    basis = None
+    bases = {}
     for system, lr, seed in runs:
         if isinstance(lr, str):
             lr = resolve(system, lr)
@@ -282,8 +284,10 @@ def main(argv=None) -> int:
                 continue
         if (args.task, system, lr, seed, args.steps) in done_keys(args.out):
             continue
-        if system.startswith("cora") and basis is None:
-            basis = make_basis(args, tokenizer, log)
+        # cora_fb_alpaca: a basis from the instruction fine-tune alone, which saw no Yelp data
+        names = ("ft_alpaca",) if system == "cora_fb_alpaca" else tuple(BASIS_SOURCES)
+        if system.startswith("cora") and names not in bases:
+            bases[names] = make_basis(args, tokenizer, log, names)
         log(f"{system} lr {lr:g} seed {seed}")
         torch.manual_seed(seed)
         model = load_base(args.model)
@@ -291,7 +295,7 @@ def main(argv=None) -> int:
         if system == "base":
             trainable, kept, extra, last, wall = 0, 0, {}, None, 0.0
         else:
-            model = get_peft_model(model, adapter_config(system, args.steps, basis))
+            model = get_peft_model(model, adapter_config(system, args.steps, bases.get(names)))
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
             start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
             data = qd.batches(train_ex, seed, args.steps, args.batch, pad)

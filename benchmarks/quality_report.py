@@ -19,7 +19,7 @@ LABELS = {
     "base": "base model (no training)", "lora8": "PEFT LoRA r=8", "lora4": "PEFT LoRA r=4",
     "salora": "SaLoRA r=8, b=0.5 (schedule)", "salora_b0": "SaLoRA r=8, b=0.5, β=0 (no orth. term)", "salora_paper": "SaLoRA r=8, b=0.5 (paper control)",
     "adalora": "PEFT AdaLoRA r=8→4", "delta0.5": "Delta-LoRA r=8 λ=0.5 (folded)", "delta2": "Delta-LoRA r=8 λ=2 (folded)",
-    "cora_fb": "CoRA FB r=8", "cora_tb": "CoRA TB r=8",
+    "cora_fb": "CoRA FB r=8", "cora_fb_alpaca": "CoRA FB r=8, basis from the alpaca fine-tune only", "cora_tb": "CoRA TB r=8",
 }
 CLAIMS = [  # (claim, better system, than system)
     ("SaLoRA beats LoRA at equal final size", "salora", "lora4"),
@@ -31,6 +31,8 @@ CLAIMS = [  # (claim, better system, than system)
     ("Delta-LoRA (λ=2) beats LoRA at the same rank", "delta2", "lora8"),
     ("CoRA FB matches LoRA at about equal trainable parameters", "cora_fb", "lora4"),
     ("CoRA TB beats LoRA at the same rank", "cora_tb", "lora8"),
+    ("CoRA FB on a basis that saw no Yelp data matches LoRA at about equal trainable parameters", "cora_fb_alpaca", "lora4"),
+    ("CoRA FB with a basis from the alpaca fine-tune alone matches it with all three", "cora_fb_alpaca", "cora_fb"),
 ]
 
 
