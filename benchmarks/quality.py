@@ -224,14 +224,14 @@ def plan(args, results: list[dict]):
 
     runs = [("base", 0.0, 0)] if "base" in args.systems else []
     probes = [s for s in PROBES if s in args.systems]
-    for group in (MAIN, EXTRA):
+    for name, group in (("main", MAIN), ("extra", EXTRA)):
         group = [s for s in group if s in args.systems]
         runs += [(s, lr, args.seeds[0]) for s in group for lr in args.lrs]
         runs += [(s, "edge", args.seeds[0]) for s in group]
-        if group and group[0] == MAIN[0]:
+        if name == "main":
             runs += [(s, "parent", args.seeds[0]) for s in probes]
         runs += [(s, "best", seed) for s in group for seed in args.seeds[1:]]
-        if group and group[0] == MAIN[0]:
+        if name == "main":
             runs += [(s, "parent", seed) for s in probes for seed in args.seeds[1:]]
     return runs, resolve
 

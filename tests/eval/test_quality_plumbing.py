@@ -129,3 +129,14 @@ def test_grid_is_extended_past_the_edge_that_wins():
     assert quality.plan(args, rows({1e-3: 2.0, 3e-3: 1.0, 9e-3: 0.5}))[1]("lora8", "best") == 9e-3
     args.lrs = [1e-3, 3e-3, 9e-3]
     assert quality.plan(args, rows({1e-3: 2.0, 3e-3: 1.0, 9e-3: 1.5}))[1]("lora8", "edge") is None
+
+
+def test_a_probe_alone_runs_at_its_parents_best_lr():
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(task="yelp", seeds=[0, 1], steps=10, lrs=[1e-3, 3e-3], systems=["salora_b0"])
+    rows = [{"task": "yelp", "system": "salora", "seed": 0, "steps": 10, "lr": lr, "nll": {"all": v}}
+            for lr, v in {1e-3: 2.0, 3e-3: 1.0}.items()]
+    runs, resolve = quality.plan(args, rows)
+    assert runs == [("salora_b0", "parent", 0), ("salora_b0", "parent", 1)]
+    assert resolve("salora_b0", "parent") == 3e-3
