@@ -1,7 +1,7 @@
 """`LoraForgePlugin`: Axolotl trains `adapter: salora | delta_lora | cora`.
 
 Hooks used (checked against Axolotl 0.21.0's `integrations/base.py`, `loaders/`, `core/builders/`;
-tests/test_axolotl_integration.py compares the signatures with the installed BasePlugin):
+tests/integrations/test_axolotl_end_to_end.py compares the signatures with the installed BasePlugin):
 - `get_input_args` / `get_adapter_capabilities`: the YAML keys (args.py) and the adapter names;
 - `load_adapter`: builds the method's config from the YAML and wraps the model with PEFT (or
   restores a saved adapter from `lora_model_dir`). Not `get_lora_config_kwargs`: 0.21 calls it only
@@ -26,7 +26,7 @@ import logging
 import torch
 from axolotl.integrations.base import BasePlugin
 
-from .args import METHODS, check_config, method_config, method_fields
+from .args import check_config, method_config, method_fields, method_names
 
 try:
     from axolotl.integrations.base import AdapterCapabilities
@@ -37,7 +37,7 @@ LOG = logging.getLogger("axolotl.integrations.loraforge")
 
 
 def _ours(cfg) -> bool:
-    return cfg is not None and cfg.get("adapter") in METHODS
+    return cfg is not None and cfg.get("adapter") in method_names()
 
 
 def _forge_layers(model):
@@ -76,7 +76,7 @@ class LoraForgePlugin(BasePlugin):
 
     def get_adapter_capabilities(self):
         # Not lora_like: Axolotl must not build a stock LoraConfig for these; no ReLoRA restarts.
-        return [AdapterCapabilities(name=method) for method in METHODS]
+        return [AdapterCapabilities(name=method) for method in method_names()]
 
     def load_adapter(self, model, cfg, inference: bool = False, config_only: bool = False):
         if not _ours(cfg):
