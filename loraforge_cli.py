@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import os
 import sys
 
@@ -35,7 +34,10 @@ YAML keys (all optional but `adapter`; with no config the shipped quickstart run
   load_in_4bit: true: load the base in 4-bit NF4 by bitsandbytes (QLoRA), computing in `dtype`
   load_in_8bit: true: load the base in 8-bit by bitsandbytes (LLM.int8)
   data:        .json / .jsonl file of Alpaca records {instruction, input, output}
-               (null: the shipped 318-record plugin/data/alpaca_mini.jsonl)
+               (null: the shipped 318-record plugin/data/alpaca_mini.jsonl; yelp-rewrites: the
+               quickstart's 800 Yelp sentiment rewrites)
+  eval_data:   held-out records, same format; their loss before and after training is printed
+               at the end (yelp-rewrites-heldout: 32 Yelp rewrites kept out of training)
   max_length:  tokens per example (default 256)
   adapter:     {method: salora | delta_lora | cora, ...fields of SaLoRAConfig / DeltaLoRAConfig /
                CoRAConfig, e.g. r, lora_alpha, target_modules, target_density}
@@ -78,7 +80,8 @@ def _export(p):
     p.add_argument("adapter", help="folder of a saved loraforge adapter")
     p.add_argument("--base", help="base model folder the adapter was trained on (default: the adapter's "
                                   "base_model_name_or_path in adapter_config.json)")
-    p.add_argument("--out", required=True, help="folder for the stock PEFT LoRA adapter")
+    p.add_argument("--out", required=True, help="folder for the stock PEFT LoRA adapter (new or empty)")
+    p.add_argument("--overwrite", action="store_true", help="write into --out even if it holds files")
 
 
 def _cora_extract(p):
@@ -270,15 +273,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"loraforge: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        from loraforge_checks import did_you_mean
+
+        print(f"loraforge: error: unknown command {name!r}{did_you_mean(name, COMMANDS)}; `loraforge --help` "
+              "lists the commands", file=sys.stderr)
         return 2
     args = parse(name, rest)  # --help and flag errors end here (argparse exits), before any heavy import
-    # bitsandbytes 0.50 logs at import, on CPUs with AVX512-BF16, that the optional `kernels` package
-    # (a faster 4-bit CPU matmul) is missing: a line on every command that asks nothing of the user.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     module, func = COMMANDS[name][:2]
     try:
         PRECHECKS.get(name, lambda a: None)(args)
+        from loraforge_checks import command_problem  # no torch: answered at once
+
+        problem = command_problem(name, args)
+        if problem:
+            raise UsageError(problem)
         return int(getattr(importlib.import_module(module), func)(args) or 0)
     except Exception as error:
         if debug or not is_user_error(error):

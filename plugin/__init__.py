@@ -1,7 +1,10 @@
 """loraforge: structure-aware LoRA variants (SaLoRA, Delta-LoRA, CoRA) for PEFT, TRL and Axolotl."""
 from __future__ import annotations
 
-from . import registry  # noqa: F401  (registers the configs with PEFT and installs the optimizer hooks)
+from .quiet import install_library_filters
+
+install_library_filters()  # before the imports below import bitsandbytes (through PEFT)
+from . import registry  # noqa: E402,F401  (registers the configs with PEFT and installs the optimizer hooks)
 from .core.driver import Controller, Driver, driver, drivers
 from .core.export import export_lora
 from .core.io import load_adapter

@@ -103,9 +103,12 @@ def ranks(args) -> int:
         densities = summary
     elif config.get("peft_type") == "LORA":
         summary = stock_summary(args.adapter)
+        salora = summary["metadata"].get("salora")
+        print(f"{args.adapter}: exported ranks of a SaLoRA adapter (stock LoRA written by `loraforge export`)"
+              if salora else f"{args.adapter}: a plain LoRA adapter (no SaLoRA gates): the ranks below are the "
+              "fixed r of each module, not learned ones")
         for row in summary["modules"]:
             print(f"{row['module']}  {row['export_rank']}")
-        salora = summary["metadata"].get("salora")
         if salora:
             print("densities at export: " + ", ".join(f"{k} {salora[k]:.3f}" for k in
                   ("target_density", "expected_density", "realized_density", "export_density")))
