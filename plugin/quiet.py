@@ -15,6 +15,9 @@ BNB_KERNELS = "Failed to load CPU gemm_4bit_forward from kernels-community"
 # transformers 5 deprecated `is_gradient_checkpointing`, which PEFT 0.21 and TRL 1.16 still read
 # (when a model is wrapped, loaded with an adapter, or trained): the code to change is theirs.
 GRADIENT_CHECKPOINTING = r"`is_gradient_checkpointing` is deprecated"
+# TRL 1.16's SFTConfig sets the deprecated `gradient_checkpointing` field by default, so transformers
+# warns on every `SFTConfig(...)`, whether or not the user named the field.
+GRADIENT_CHECKPOINTING_FIELD = r"`gradient_checkpointing` is deprecated and will be removed"
 
 
 class _DropPrefix(logging.Filter):
@@ -32,6 +35,7 @@ def install_library_filters() -> None:
     if not any(isinstance(f, _DropPrefix) for f in bnb.filters):
         bnb.addFilter(_DropPrefix(BNB_KERNELS))
     warnings.filterwarnings("ignore", message=GRADIENT_CHECKPOINTING, category=FutureWarning)
+    warnings.filterwarnings("ignore", message=GRADIENT_CHECKPOINTING_FIELD, category=FutureWarning)
 
 
 class new_head_expected:

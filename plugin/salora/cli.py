@@ -17,6 +17,9 @@ from .layer import FROZEN_CODES, deterministic_gate, phase_at
 from .report import ModuleGates, format_table, summarize, write_summary
 
 PREFIX = "base_model.model."
+LEGEND = ("columns: r = ranks trained; E[L0] = expected number of open gates (the L0 norm the budget counts); "
+          "live = gates open now (ĝ > 0); export = ranks `loraforge export` keeps. lambda = the multiplier holding "
+          "the density on its target (linear = the linear term's, with lagrangian='linear_quadratic')")
 
 
 def _split(key: str) -> tuple[str, str] | None:
@@ -98,6 +101,7 @@ def ranks(args) -> int:
         print(f"lambda {summary['lambda']:.6g} (linear {summary['lambda_linear']:.6g}) | window {window} | "
               f"step {summary['step']} | gates "
               f"{'frozen with prune_budget=' + repr(summary['frozen']) if summary['frozen'] else 'not frozen'}")
+        print(LEGEND)
         module_ranks = {r["module"]: r["export_rank"] for r in summary["modules"]}
         r_max = max(r["r"] for r in summary["modules"])
         densities = summary

@@ -68,3 +68,12 @@ def test_a_file_that_is_not_a_language_model_is_one_line(tmp_path):
     bad.write_text("{}")
     with pytest.raises(ValueError, match="is not an ARPA or KenLM binary file"):
         perplexity(str(bad), ["a"])
+
+
+def test_readme_python_api_raises_no_future_warning():
+    # what the README's Python block does before training: import loraforge, then build an SFTConfig
+    done = run_python("import warnings; warnings.simplefilter('default')\n"
+                      "import loraforge\nfrom trl import SFTConfig\n"
+                      "SFTConfig(output_dir='out', max_steps=1, use_cpu=True, bf16=False)\n", cwd=None)
+    assert done.returncode == 0, done.stderr
+    assert "FutureWarning" not in done.stderr, done.stderr
