@@ -230,10 +230,21 @@ def _train(a) -> str | None:
 
     try:
         cfg = yaml.safe_load(Path(a.config).read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
-        return None  # the command reports it, with the line and column
+    except OSError:
+        return None  # the command reports it
+    except yaml.YAMLError as exc:
+        return yaml_error(a.config, exc)
     problems = check_train_config(cfg, TRAIN_TOP_KEYS) if isinstance(cfg, dict) else []
     return problems[0] if problems else None
+
+
+def yaml_error(path: str, exc) -> str:
+    """One line for a YAML syntax error: where it is and what to check."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(exc, "problem", None) or type(exc).__name__
+    return (f"{path}: YAML syntax error{where}: {problem}; check the indentation and that every `key: value` "
+            "has its colon and closed quotes")
 
 
 def _eval_style(a) -> str | None:

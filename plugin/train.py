@@ -42,11 +42,9 @@ def load_config(path: str | None) -> dict:
     try:
         cfg = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or type(exc).__name__
-        raise TrainConfigError(f"{path or 'quickstart.yaml'}: YAML syntax error{where}: {problem}; check the "
-                               "indentation and that every `key: value` has its colon and closed quotes") from None
+        from loraforge_checks import yaml_error
+
+        raise TrainConfigError(yaml_error(path or "quickstart.yaml", exc)) from None
     if not isinstance(cfg, dict):
         raise TrainConfigError(f"{path}: the YAML must be a mapping of keys {sorted(TOP_KEYS)}, got {type(cfg).__name__}")
     unknown = set(cfg) - TOP_KEYS

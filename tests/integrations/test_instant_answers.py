@@ -115,3 +115,9 @@ def test_eval_style_adapter_from_another_base(tmp_path, tiny_model_dir):
     from loraforge_checks import check_adapter_fits
 
     assert check_adapter_fits(str(adapter), other_dir) is None
+
+
+def test_yaml_syntax_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("adapter:\n  method: salora\n  r: [8\n")
+    assert_instant_one_line(["train", str(bad)], tmp_path, "YAML syntax error at line", "indentation")
