@@ -248,7 +248,7 @@ def yaml_error(path: str, exc) -> str:
 
 
 def _eval_style(a) -> str | None:
-    if a.model and a.hypotheses:
+    if (a.model and a.hypotheses) or (a.adapter and not a.model):
         return None  # the command names the conflict
     problem = a.model and check_model_folder(a.model, "--model", "the base model that generates the rewrites")
     if not problem and a.adapter:
@@ -269,6 +269,8 @@ def _adapter_folder(path: str) -> str | None:
 
 
 def _classifier(a) -> str | None:
+    if len(a.names.split(",")) != 2:
+        return f"--names needs two comma-separated names, got {a.names!r}"
     if a.base == "minilm":
         return None
     return check_model_folder(a.base, "--base", "a BERT-like model (or `minilm`)")
