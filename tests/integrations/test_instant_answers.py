@@ -74,9 +74,6 @@ def test_misspelled_training_and_adapter_keys_get_did_you_mean(tmp_path):
     job = {"adapter": {"method": "salora"}, "trainig": {}}
     assert_instant_one_line(["train", write_yaml(tmp_path / "d.yaml", job)], tmp_path,
                             "'trainig' (did you mean 'training'?)")
-    job = {"adapter": {"method": "salroa"}}
-    assert_instant_one_line(["train", write_yaml(tmp_path / "e.yaml", job)], tmp_path,
-                            "adapter.method: 'salroa'", "did you mean 'salora'?")
 
 
 def test_model_folder_without_config_json(tmp_path):
