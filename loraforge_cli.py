@@ -5,6 +5,10 @@ which imports torch, transformers and PEFT (seconds). Printing help or rejecting
 pay for that, so every command's parser lives here, and the module doing the work (beside its
 method) is imported only once the arguments are valid.
 
+The commands of a method live in its folder (`<method>/commands.py`: parsers only) and are read
+from there by file, without importing the package (`method_commands`); the registry
+(`loraforge.registry`) names the same commands for each method.
+
 A user's mistake (a missing file, a bad YAML value, a model folder that is not there) ends in ONE
 line on stderr, `loraforge CMD: error: what is wrong; how to fix it`, and exit code 2. `--debug`
 anywhere on the command line, or LORAFORGE_DEBUG=1, shows the full traceback instead. Anything
@@ -14,19 +18,36 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import os
 import sys
 
 # Choices repeated from the modules that own them (importing those would import torch);
-# tests/test_cli_help.py checks that both sides agree.
-CORA_GROUPS = ("module", "layer")
-CORA_SOURCES = ("weights", "deltas")
-CORA_SVDS = ("exact", "randomized")
+# tests/integrations/test_cli_help.py checks that both sides agree.
 STYLE_TASKS = ("yelp-neg2pos", "yelp-pos2neg", "gyafc-inf2for", "gyafc-for2inf")
 STYLE_TEMPLATES = ("alpaca", "paper", "tstbench")
 STYLE_PROTOCOLS = ("loraforge", "paper")
 NORMALIZATIONS = ("none", "lower", "yelp")
 EVAL_DIR = "loraforge-eval"  # where the evaluation commands write unless told otherwise
+
+def method_commands() -> dict[str, object]:
+    """Method name -> its folder's `commands.py` (a module of argument parsers), loaded by file from the
+    installed `loraforge` package without running its `__init__` (which imports torch)."""
+    spec = importlib.util.find_spec("loraforge")
+    found = {}
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        for name in sorted(os.listdir(root)):
+            path = os.path.join(root, name, "commands.py")
+            if name in found or not os.path.isfile(path):
+                continue
+            module_spec = importlib.util.spec_from_file_location(f"loraforge_cli.methods.{name}", path)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+            found[name] = module
+    return found
+
+
+METHOD_COMMANDS = method_commands()
 
 TRAIN_KEYS = """\
 YAML keys (all optional but `adapter`; with no config the shipped quickstart runs):
@@ -40,8 +61,8 @@ YAML keys (all optional but `adapter`; with no config the shipped quickstart run
   eval_data:   held-out records, same format; their loss before and after training is printed
                at the end (yelp-rewrites-heldout: 32 Yelp rewrites kept out of training)
   max_length:  tokens per example (default 256)
-  adapter:     {method: salora | delta_lora | cora, ...fields of SaLoRAConfig / DeltaLoRAConfig /
-               CoRAConfig, e.g. r, lora_alpha, target_modules, target_density}
+  adapter:     {method: METHOD, ...fields of that method's config, e.g. r, lora_alpha,
+               target_modules}; METHOD is one of the registered methods (loraforge.methods())
   training:    fields of trl.SFTConfig (output_dir, max_steps, learning_rate,
                per_device_train_batch_size, logging_steps, use_cpu, ...)
 Examples: example_configs/train/ (paper-scale jobs) and example_configs/train/tiny/ (seconds on CPU).
@@ -71,38 +92,12 @@ def _train(p):
                                         "else outputs/loraforge)")
 
 
-def _ranks(p):
-    p.add_argument("adapter", help="folder of a saved adapter (adapter_config.json + adapter_model.safetensors)")
-    p.add_argument("--png", help="also write the layers × module-type heat map to this PNG file (default: none)")
-    p.add_argument("--json", help="also write the numbers to this JSON file (default: none)")
-
-
 def _export(p):
     p.add_argument("adapter", help="folder of a saved loraforge adapter")
     p.add_argument("--base", help="base model folder the adapter was trained on (default: the adapter's "
                                   "base_model_name_or_path in adapter_config.json)")
     p.add_argument("--out", required=True, help="folder for the stock PEFT LoRA adapter (new or empty)")
     p.add_argument("--overwrite", action="store_true", help="write into --out even if it holds files")
-
-
-def _cora_extract(p):
-    p.add_argument("--models", nargs="+", required=True,
-                   help="model folders (safetensors, single file or sharded) or PEFT LoRA adapter folders")
-    p.add_argument("--base", help="base model folder: needed for LoRA adapter inputs and for --source deltas "
-                                  "(default: none)")
-    p.add_argument("--rank", type=int, required=True, help="basis columns per module (>= the r you will train)")
-    p.add_argument("--targets", required=True, help="comma-separated module names, e.g. q_proj,k_proj,v_proj")
-    p.add_argument("--out", required=True, help="output .safetensors file (written atomically)")
-    p.add_argument("--group", choices=CORA_GROUPS, default="module",
-                   help="module: one basis per module; layer: one shared basis per parent module "
-                        "(e.g. q/k/v of an attention block), from the SVD of their averages stacked side by side")
-    p.add_argument("--source", choices=CORA_SOURCES, default="weights",
-                   help="weights: average W_m (paper); deltas: average W_m - W_base (needs --base)")
-    p.add_argument("--svd", choices=CORA_SVDS, default="exact", help="exact: torch.linalg.svd; randomized: torch.svd_lowrank")
-    p.add_argument("--niter", type=int, default=4, help="power iterations of the randomized SVD")
-    p.add_argument("--oversample", type=int, default=10, help="extra columns of the randomized SVD")
-    p.add_argument("--seed", type=int, default=0, help="seed of the randomized SVD")
-    p.add_argument("--device", default="cpu", help="where to sum and decompose, e.g. cpu or cuda")
 
 
 def _eval_style(p):
@@ -180,15 +175,8 @@ COMMANDS = {
     "train": ("loraforge.train", "run_args", "SFT with a loraforge adapter from a YAML config",
               "Supervised fine-tuning with a loraforge adapter from one YAML config (LoraForgeSFTTrainer).",
               _train, TRAIN_KEYS),
-    "ranks": ("loraforge.salora.cli", "ranks", "per-module rank table of a SaLoRA adapter",
-              "Per-module ranks of a SaLoRA adapter (or of a stock LoRA adapter written by `loraforge export`).",
-              _ranks, None),
-    "export": ("loraforge.core.export", "export_args", "write a loraforge adapter as a stock PEFT LoRA adapter",
+    "export": ("loraforge.core.export_cli", "export_args", "write a loraforge adapter as a stock PEFT LoRA adapter",
                "Write any loraforge adapter as a stock PEFT LoRA adapter that plain `peft` loads.", _export, None),
-    "cora-extract": ("loraforge.cora.cli", "extract", "common-subspace basis from fine-tuned models",
-                     "Average M fine-tuned models (or LoRA adapters + --base) per module and keep the top-r left "
-                     "singular vectors as CoRA's basis for B. Streams: one tensor per input in memory at a time.",
-                     _cora_extract, None),
     "eval-style": ("loraforge.eval.cli", "eval_style", "zero-shot style transfer: ACC / BLEU / PPL",
                    "Zero-shot style transfer: generate rewrites, score ACC / BLEU / PPL.", _eval_style, None),
     "eval-style-report": ("loraforge.eval.cli", "report", "Table-2 style comparison of results files",
@@ -198,6 +186,8 @@ COMMANDS = {
     "train-kenlm": ("loraforge.eval.cli", "train_kenlm", "write an n-gram ARPA model for PPL",
                     "Interpolated modified Kneser-Ney n-gram model, written as ARPA.", _kenlm, None),
 }
+for _module in METHOD_COMMANDS.values():
+    COMMANDS.update(_module.COMMANDS)
 
 
 # Checks of the commonest mistakes (a mistyped path) that need no import, so that they are answered
@@ -219,9 +209,11 @@ def check_adapter_dir(path: str, files=("adapter_config.json", "adapter_model.sa
 
 PRECHECKS = {
     "train": lambda a: check_config_file(a.config),
-    "ranks": lambda a: check_adapter_dir(a.adapter),
     "export": lambda a: check_adapter_dir(a.adapter, ("adapter_config.json",)),
 }
+for _module in METHOD_COMMANDS.values():
+    for _name, (_dest, _files) in getattr(_module, "ADAPTER_ARGUMENTS", {}).items():
+        PRECHECKS[_name] = lambda a, dest=_dest, files=_files: check_adapter_dir(getattr(a, dest), files)
 
 
 def build_parser(name: str) -> argparse.ArgumentParser:
@@ -248,10 +240,12 @@ def _usage() -> str:
 # name along the error's class hierarchy, so that telling them apart imports nothing (the types
 # live in modules that import torch).
 USER_ERRORS = {
-    ("loraforge_cli", "UsageError"), ("loraforge.core.config", "ForgeConfigError"),
-    ("loraforge.train", "TrainConfigError"), ("loraforge.cora.extract", "CoRAExtractError"),
+    ("loraforge_cli", "UsageError"), ("loraforge.core.errors", "ForgeConfigError"),
+    ("loraforge.train", "TrainConfigError"),
     ("builtins", "FileNotFoundError"), ("builtins", "NotADirectoryError"), ("yaml.error", "YAMLError"),
 }
+for _module in METHOD_COMMANDS.values():
+    USER_ERRORS |= set(getattr(_module, "USER_ERRORS", ()))
 
 
 def is_user_error(error: BaseException) -> bool:

@@ -26,7 +26,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from loraforge import DeltaLoRAConfig, testing
-from loraforge.delta_lora.layer import DeltaPropagation
+from loraforge.delta_lora.in_place import InPlacePropagation
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import AllocationTrace, MiB, median, timed  # noqa: E402
@@ -76,7 +76,7 @@ def persistent_bytes(model, opt) -> int:
     tensors += [v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]
     for m in model.modules():
         for ax in getattr(m, "forge_axes", {}).get("default", []):
-            if isinstance(ax, DeltaPropagation):
+            if isinstance(ax, InPlacePropagation):  # the folded axis keeps no copy of B, A
                 tensors += list(ax.applied or ()) + ([ax.residual] if ax.residual is not None else [])
     for t in tensors:
         key = t.untyped_storage().data_ptr()

@@ -10,7 +10,7 @@ lists the same keys, from `loraforge_cli.TRAIN_KEYS`, and a test keeps both in s
   eval_data: held-out records in the same format; the held-out loss before and after training is
     printed at the end (default: none)
   max_length: tokens per example (default 256)
-  adapter: {method: salora | delta_lora | cora, ...fields of that method's config}
+  adapter: {method: <a registered method, e.g. salora>, ...fields of that method's config}
   training: fields of trl.SFTConfig (output_dir, max_steps, learning_rate, ...)
 The run goes through `LoraForgeSFTTrainer`, so every method's training dynamics are driven.
 """
@@ -55,19 +55,22 @@ def load_config(path: str | None) -> dict:
     if cfg.get("load_in_4bit") and cfg.get("load_in_8bit"):
         raise TrainConfigError("load_in_8bit: set one of load_in_4bit / load_in_8bit, not both")
     if not isinstance(cfg.get("adapter"), dict) or "method" not in cfg["adapter"]:
-        raise TrainConfigError("adapter: a block with `method: salora | delta_lora | cora` is required")
+        from .registry import methods
+
+        raise TrainConfigError(f"adapter: a block with `method: {' | '.join(methods())}` is required")
     return cfg
 
 
 def adapter_config(block: dict):
     """Build the method's config from the YAML block; unknown fields are named in the error."""
-    from .registry import CONFIGS
+    from .registry import methods
 
     block = dict(block)
     method = block.pop("method")
-    if method not in CONFIGS:
-        raise TrainConfigError(f"adapter.method: {method!r} is not one of {sorted(CONFIGS)}")
-    cls = CONFIGS[method]
+    known = methods()
+    if method not in known:
+        raise TrainConfigError(f"adapter.method: {method!r} is not one of {sorted(known)}")
+    cls = known[method].config
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = set(block) - fields
     if unknown:
@@ -205,17 +208,15 @@ def run(cfg: dict) -> str:
 
 
 def report_outputs(out: str) -> None:
-    """The closing lines of a run: where the adapter went and, for SaLoRA, the rank table and heat map."""
+    """The closing lines of a run: where the adapter went and what each method's run wrote beside it
+    (`Method.report`, e.g. SaLoRA's rank table and heat map)."""
+    from .registry import methods
+
     out_dir = Path(out).resolve()
     print(f"adapter saved to {out_dir}")
-    table = out_dir / "salora_ranks.txt"
-    if table.is_file():
-        lines = table.read_text(encoding="utf-8").splitlines()
-        print(lines[-1] if lines else "")  # the densities line
-        print(f"rank table: {table} (numbers: {out_dir / 'salora_ranks.json'})")
-        if (out_dir / "salora_ranks.png").is_file():
-            print(f"heat map:   {out_dir / 'salora_ranks.png'}")
-        print(f"print it again with: loraforge ranks {out_dir}")
+    for method in methods().values():
+        for line in method.report(out_dir) if method.report else ():
+            print(line)
 
 
 def run_args(args) -> int:

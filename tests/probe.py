@@ -5,13 +5,16 @@ from dataclasses import dataclass
 
 import torch
 
-from loraforge.core.config import ForgeConfig, register_config
-from loraforge.core.driver import Controller
-from loraforge.core.layer import Axis
+from loraforge.core.config import ForgeConfig
+from loraforge.core.controller import Controller
+from loraforge.core.layer import TRAINABLE, Axis
+from loraforge.registry import register_method
 
 
 class ProbeAxis(Axis):
     """Scales each rank by a trainable per-rank parameter stored in `lora_gate_logits`."""
+
+    tensors = {"lora_gate_logits": TRAINABLE}
 
     def init_factors(self):
         r = self.layer.r[self.adapter]
@@ -72,5 +75,5 @@ class RefusingProbeConfig(ProbeConfig):
         return [RefusingController]
 
 
-register_config(ProbeConfig)
-register_config(RefusingProbeConfig)
+register_method(ProbeConfig)
+register_method(RefusingProbeConfig)

@@ -48,12 +48,12 @@ def test_train_help_lists_every_yaml_key():
 
 
 def test_repeated_choices_agree_with_their_modules():
-    from loraforge.cora import extract
+    from loraforge.cora import commands, extract
     from loraforge.eval import prompts, texts
 
-    assert loraforge_cli.CORA_GROUPS == extract.GROUPS
-    assert loraforge_cli.CORA_SOURCES == extract.SOURCES
-    assert loraforge_cli.CORA_SVDS == extract.SVDS
+    assert commands.GROUPS == extract.GROUPS
+    assert commands.SOURCES == extract.SOURCES
+    assert commands.SVDS == extract.SVDS
     assert loraforge_cli.STYLE_TASKS == tuple(prompts.TASKS)
     assert loraforge_cli.STYLE_TEMPLATES == tuple(prompts.TEMPLATES)
     assert loraforge_cli.STYLE_PROTOCOLS == tuple(prompts.PROTOCOLS)

@@ -28,7 +28,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainingArgum
 import loraforge  # noqa: E402
 from loraforge import CoRAConfig, DeltaLoRAConfig, SaLoRAConfig, testing  # noqa: E402
 from loraforge.core.config import ForgeConfigError  # noqa: E402
-from loraforge.core.driver import sharded_weight  # noqa: E402
+from loraforge.core import sharding  # noqa: E402
 from loraforge.core.layer import ForgeLinear  # noqa: E402
 from loraforge.core.quantized import ForgeLinear4bit, ForgeLinear8bitLt, dense_weight  # noqa: E402
 from loraforge.cora.extract import extract_basis  # noqa: E402
@@ -163,7 +163,8 @@ def test_dispatch_builds_forge_bnb_layers_with_the_hand_computed_forward(quant, 
     assert len(found) == 4 and all(type(l) is LAYER[quant] for l in found)
     assert all(l.forge_name.endswith(("q_proj", "v_proj")) for l in found)
     # The packed 4-bit storage is not taken for an FSDP shard.
-    assert sharded_weight(found, "default") is None
+    assert sharding.unsupported(found, "default") is None
+    assert all(sharding.engine(l.get_base_layer().weight) is None for l in found)
     l = found[0].eval()
     x = torch.randn(3, l.in_features, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -1,8 +1,10 @@
 """The Axolotl config keys of the loraforge plugin, and the method config they build.
 
-One nested block per method (`salora:`, `delta_lora:`, `cora:`) holds that method's own fields
-(those its config class adds to PEFT's `LoraConfig`; the list grows with the classes, nothing is
-copied here). The LoRA part comes from Axolotl's own keys (`lora_r`, `lora_alpha`,
+One nested block per registered method (`salora:`, `delta_lora:`, `cora:`, ...: the names of
+`loraforge.methods()`) holds that method's own fields (those its config class adds to PEFT's
+`LoraConfig`; the list grows with the classes, nothing is copied here). The schema is built from
+the registry when this module is imported, so a method registered before Axolotl builds its config
+schema gets its `adapter:` value and its block too. The LoRA part comes from Axolotl's own keys (`lora_r`, `lora_alpha`,
 `lora_dropout`, `lora_target_modules`, `lora_target_linear`, ...); a key left out keeps the
 method's default (SaLoRA: lora_alpha=16 and every attention/MLP linear, as in the paper).
 
@@ -38,9 +40,18 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, create_model, model_validator
 
-METHODS = ("salora", "delta_lora", "cora")
+from loraforge.registry import methods
+
+
+def method_names() -> tuple[str, ...]:
+    """The `adapter:` values the plugin trains: every registered method, now."""
+    return tuple(methods())
+
+
+#: The registered methods when this module was imported (the schema's blocks).
+METHODS = method_names()
 
 #: Axolotl key -> the PEFT `LoraConfig` field it sets. Keys left unset keep the method's default.
 LORA_KEYS = {
@@ -80,35 +91,33 @@ REFUSED_VALUES = {
 }
 
 
-class LoraForgeArgs(BaseModel):
-    """Keys the loraforge plugin adds to an Axolotl config."""
-
-    salora: Optional[dict[str, Any]] = Field(
-        default=None,
-        json_schema_extra={"description": "SaLoRA fields with `adapter: salora`, e.g. {target_density: 0.5, gate_lr: 0.01}"},
-    )
-    delta_lora: Optional[dict[str, Any]] = Field(
-        default=None,
-        json_schema_extra={"description": "Delta-LoRA fields with `adapter: delta_lora`, e.g. {update_ratio: 2, start_step: 500}"},
-    )
-    cora: Optional[dict[str, Any]] = Field(
-        default=None,
-        json_schema_extra={"description": "CoRA fields with `adapter: cora`, e.g. {basis_path: basis.safetensors, freeze_b: true}"},
-    )
+class _LoraForgeChecks(BaseModel):
+    """The checks of the keys the loraforge plugin adds to an Axolotl config (the blocks: `LoraForgeArgs`)."""
 
     @model_validator(mode="before")
     @classmethod
     def check_loraforge(cls, data):
         if isinstance(data, dict):
             check_config(data)
-            if data.get("adapter") in METHODS and data.get("merge_method") is None:
+            ours = data.get("adapter") in method_names()
+            if ours and data.get("merge_method") is None:
                 data["merge_method"] = "legacy"  # merges through loraforge's layers (see REFUSED_VALUES)
-            if data.get("adapter") in METHODS and (data.get("load_in_4bit") or data.get("load_in_8bit")):
+            if ours and (data.get("load_in_4bit") or data.get("load_in_8bit")):
                 kwargs = dict(data.get("model_kwargs") or data.get("overrides_of_model_kwargs") or {})
                 kwargs["quantization_config"] = bnb_config(data)
                 data["model_kwargs"] = kwargs
                 data.pop("overrides_of_model_kwargs", None)
         return data
+
+
+def _block_field(method):
+    text = f"{method.title} fields with `adapter: {method.name}`" + (f", e.g. {method.example}" if method.example else "")
+    return (Optional[dict[str, Any]], Field(default=None, json_schema_extra={"description": text}))
+
+
+#: Keys the loraforge plugin adds to an Axolotl config: one optional block per registered method.
+LoraForgeArgs = create_model("LoraForgeArgs", __base__=_LoraForgeChecks, __module__=__name__,
+                             **{name: _block_field(m) for name, m in methods().items()})
 
 
 def bnb_config(cfg) -> dict:
@@ -130,9 +139,7 @@ def bnb_config(cfg) -> dict:
 
 
 def config_class(method: str):
-    from loraforge.registry import CONFIGS
-
-    return CONFIGS[method]
+    return methods()[method].config
 
 
 def method_fields(config_cls) -> dict[str, str]:
@@ -175,7 +182,7 @@ def method_config(cfg, linear_names: Optional[list[str]] = None):
 
     `linear_names` (the model's linear module names) resolves Axolotl's `lora_target_linear`.
     """
-    from loraforge.core.config import ForgeConfigError
+    from loraforge.core.errors import ForgeConfigError
 
     method = cfg.get("adapter")
     config_cls = config_class(method)
@@ -197,8 +204,9 @@ def method_config(cfg, linear_names: Optional[list[str]] = None):
 def check_config(cfg) -> None:
     """Refuse, naming the key, what the plugin cannot train; does nothing for other adapters."""
     adapter = cfg.get("adapter")
-    given = [m for m in METHODS if cfg.get(m) is not None]
-    if adapter not in METHODS:
+    names = method_names()
+    given = [m for m in names if cfg.get(m) is not None]
+    if adapter not in names:
         if given:
             raise ValueError(f"{given[0]}: this block configures the loraforge adapter {given[0]!r}, but adapter is "
                              f"{adapter!r}; set `adapter: {given[0]}` (or remove the block)")
@@ -231,7 +239,7 @@ def check_config(cfg) -> None:
 def _check_optimizer(cfg, config) -> None:
     """A method with param groups of its own (SaLoRA's gates) has `LoraForgeTrainerMixin` build the
     optimizer, which does not add Axolotl's LoRA+ / embedding-LR groups: refuse them rather than drop them."""
-    from loraforge.core.driver import Controller
+    from loraforge.core.controller import Controller
 
     if not any(c.param_groups is not Controller.param_groups for c in config.controllers()):
         return

@@ -26,7 +26,7 @@ import logging
 import torch
 from axolotl.integrations.base import BasePlugin
 
-from .args import METHODS, check_config, method_config, method_fields
+from .args import check_config, method_config, method_fields, method_names
 
 try:
     from axolotl.integrations.base import AdapterCapabilities
@@ -37,7 +37,7 @@ LOG = logging.getLogger("axolotl.integrations.loraforge")
 
 
 def _ours(cfg) -> bool:
-    return cfg is not None and cfg.get("adapter") in METHODS
+    return cfg is not None and cfg.get("adapter") in method_names()
 
 
 def _forge_layers(model):
@@ -76,7 +76,7 @@ class LoraForgePlugin(BasePlugin):
 
     def get_adapter_capabilities(self):
         # Not lora_like: Axolotl must not build a stock LoraConfig for these; no ReLoRA restarts.
-        return [AdapterCapabilities(name=method) for method in METHODS]
+        return [AdapterCapabilities(name=method) for method in method_names()]
 
     def load_adapter(self, model, cfg, inference: bool = False, config_only: bool = False):
         if not _ours(cfg):

@@ -1,6 +1,6 @@
 """CoRA: LoRA whose B starts from a common SVD subspace of several fine-tuned models.
 
-Decisions the paper leaves open (see METHODS.md, CoRA):
+Decisions the paper leaves open (see docs/methods.md, "CoRA: training with the basis"):
 - `B` of a module starts as the first `r` columns of that module's basis `U` (key = the module's
   path in the base model, e.g. `model.layers.0.self_attn.q_proj`; written by `loraforge cora-extract`).
   `r` may be smaller than the basis rank, never larger (`rank_pattern` is honoured per module).
@@ -18,12 +18,33 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..core.config import ForgeConfig, ForgeConfigError, require
+from .layer import BasisAxis, basis_columns
+from .model import CoRAProvenance
 
 A_INITS = ("zeros", "gaussian", "kaiming")
 
 
 @dataclass
 class CoRAConfig(ForgeConfig):
+    """CoRA: LoRA whose B starts from a common SVD subspace of fine-tuned models (`loraforge cora-extract`).
+
+    Completes under any trainer, including a plain `SFTTrainer(..., peft_config=CoRAConfig(...))`.
+    Every `peft.LoraConfig` field keeps PEFT's meaning.
+
+    Args:
+        basis_path (`str`): the safetensors file of bases written by `loraforge cora-extract` (new adapters).
+        freeze_b (`bool`, defaults to `True`): FB mode (only A trains); False: TB mode (B trains too).
+        a_init (`str`, defaults to `"zeros"`): how A starts: "zeros", "gaussian" (the paper) or "kaiming".
+        init_from_basis (`bool`, defaults to `True`): read B from `basis_path`; saved adapters record False.
+
+    Example:
+
+        ```py
+        >>> config = loraforge.CoRAConfig(r=8, basis_path="basis.safetensors", target_modules=["q_proj", "v_proj"])
+        >>> model = get_peft_model(AutoModelForCausalLM.from_pretrained("base"), config)
+        ```
+    """
+
     method = "cora"
 
     basis_path: Optional[str] = field(
@@ -52,8 +73,6 @@ class CoRAConfig(ForgeConfig):
                 "--rank R --targets ... --out basis.safetensors`; pass basis_path='basis.safetensors'")
         path = os.fspath(self.basis_path)
         require(os.path.isfile(path), "basis_path", f"no file at {path!r}; run `loraforge cora-extract` to write it")
-        from .layer import basis_columns
-
         try:
             columns = basis_columns(path)
         except Exception as exc:  # a truncated or foreign file
@@ -66,13 +85,9 @@ class CoRAConfig(ForgeConfig):
                     f"use r <= {widest} or extract a basis with --rank {self.r}")
 
     def axes(self) -> list[type]:
-        from .layer import BasisAxis
-
         return [BasisAxis]
 
     def controllers(self) -> list[type]:
-        from .model import CoRAProvenance
-
         return [CoRAProvenance]
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:

@@ -7,7 +7,7 @@ import os
 import torch
 from safetensors import safe_open
 
-from ..core.config import ForgeConfigError
+from ..core.errors import ForgeConfigError
 from ..core.layer import Axis
 
 

@@ -7,7 +7,7 @@ import os
 
 from safetensors import safe_open
 
-from ..core.driver import Controller
+from ..core.controller import Controller
 
 METADATA_KEY = "loraforge_cora"
 

@@ -5,9 +5,9 @@ Route chosen for PEFT 0.21, whose `PeftType` is a closed enum: every loraforge c
 state-dict filtering, save, merge, `set_adapter`) treats it as LoRA, and our layer is dispatched
 through `LoraConfig._register_custom_module`, re-registered in `__post_init__` because PEFT does not
 persist that mapping. On disk the config is written with `peft_type = "LORAFORGE_<METHOD>"`, and
-`import loraforge` maps that string to the config class in PEFT's config table: with loraforge
-imported, `PeftModel.from_pretrained` rebuilds the right class with all its fields; without it,
-PEFT fails loudly on the unknown type instead of loading the adapter as a plain LoRA.
+registering the method (`registry.register_method`) maps that string to the config class in PEFT's
+config table: with loraforge imported, `PeftModel.from_pretrained` rebuilds the right class with all
+its fields; without it, PEFT fails loudly on the unknown type instead of loading a plain LoRA.
 """
 from __future__ import annotations
 
@@ -19,19 +19,23 @@ from typing import ClassVar
 from peft import LoraConfig
 from peft.utils import CONFIG_NAME
 
+from .dispatch import layer_mapping
+from .errors import ForgeConfigError, require
 
-class ForgeConfigError(ValueError):
-    """A config field has a value the method cannot use; the message names the field and the fix."""
-
-
-def require(condition: bool, field: str, message: str) -> None:
-    if not condition:
-        raise ForgeConfigError(f"{field}: {message}")
+__all__ = ["ForgeConfig", "ForgeConfigError", "require"]
 
 
 @dataclass
 class ForgeConfig(LoraConfig):
-    """A LoRA config whose layers are composed from loraforge's axes (gate, basis, propagation)."""
+    """A LoRA config whose layers are composed from loraforge's axes; the base of every method's config.
+
+    A method's config adds its fields (dataclass fields with `metadata={"help": ...}`, which become
+    the keys of its YAML / Axolotl block), extends `validate`, and names its per-layer pieces (`axes`)
+    and its training dynamics (`controllers`). Every `LoraConfig` field keeps PEFT's meaning.
+
+    Args:
+        method (`ClassVar[str]`): the method's name, e.g. `"salora"`: saved as `LORAFORGE_SALORA`.
+    """
 
     method: ClassVar[str] = ""
 
@@ -41,14 +45,9 @@ class ForgeConfig(LoraConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        import torch.nn as nn
-
-        from .quantized import forge_linear, refuse_backend  # late: it imports this module
-
         # nn.Linear (and bnb's 4-bit / 8-bit linears, its subclasses) -> loraforge's layers; any other
         # targeted module (GPTQ, AWQ, HQQ, ... layers) is refused rather than left to PEFT's plain LoRA.
-        self._register_custom_module({nn.Linear: forge_linear, **{cls: _refuse_layer for cls in _unsupported_layers()},
-                                      nn.Module: refuse_backend})
+        self._register_custom_module(layer_mapping())
         self.validate()
 
     def validate(self) -> None:
@@ -61,11 +60,11 @@ class ForgeConfig(LoraConfig):
                 "target_parameters and list the Linear modules to adapt in target_modules")
 
     def axes(self) -> list[type]:
-        """The per-layer pieces (classes from each method's `layer.py`) this config composes."""
+        """The per-layer pieces (`core.layer.Axis` subclasses) this config composes, in order."""
         return []
 
     def controllers(self) -> list[type]:
-        """The training-dynamics pieces (classes from each method's `model.py`) this config composes."""
+        """The training-dynamics pieces (`core.controller.Controller` subclasses) this config composes."""
         return []
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
@@ -76,55 +75,3 @@ class ForgeConfig(LoraConfig):
         data["peft_type"] = self.saved_peft_type()
         with open(path, "w") as f:
             json.dump(data, f, indent=2, sort_keys=True)
-
-
-def register_config(config_cls: type[ForgeConfig]) -> type[ForgeConfig]:
-    """Make PEFT's loaders map the saved type string back to `config_cls`."""
-    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
-
-    PEFT_TYPE_TO_CONFIG_MAPPING[config_cls.saved_peft_type()] = config_cls
-    return config_cls
-
-
-def install_target_error_naming() -> None:
-    """Make PEFT's "target modules not found" error name the config field when a loraforge config
-    matched nothing (PEFT's own message says "Target modules", not `target_modules`)."""
-    from peft.tuners.lora import LoraModel
-    try:
-        from peft.utils.error import NoMatchingPeftModuleError
-    except ImportError:  # peft < 0.21 (Axolotl 0.19 pins 0.20) raises a plain ValueError ("Target modules ...")
-        NoMatchingPeftModuleError = ValueError
-
-    original = LoraModel.inject_adapter
-    if getattr(original, "_loraforge", False):
-        return
-
-    def inject_adapter(self, model, adapter_name, *args, **kwargs):
-        try:
-            return original(self, model, adapter_name, *args, **kwargs)
-        except NoMatchingPeftModuleError as error:
-            config = self.peft_config.get(adapter_name)
-            if not isinstance(config, ForgeConfig) or not str(error).startswith("Target modules"):
-                raise
-            raise NoMatchingPeftModuleError(
-                f"target_modules: {error} {type(config).__name__} adapts nn.Linear modules; set target_modules to "
-                "names of linear modules of this model (see model.named_modules())."
-            ) from error
-
-    inject_adapter._loraforge = True
-    LoraModel.inject_adapter = inject_adapter
-
-
-def _unsupported_layers() -> list[type]:
-    import torch.nn as nn
-    from transformers.pytorch_utils import Conv1D
-
-    return [nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention, Conv1D]
-
-
-def _refuse_layer(target, adapter_name, config=None, target_name="", **kwargs):
-    """Dispatched for layer types loraforge has no layer for, so they never train as plain LoRA."""
-    raise ForgeConfigError(
-        f"target_modules: {target_name or adapter_name} is a {type(target).__name__}; "
-        f"{type(config).__name__} adapts nn.Linear layers only: remove it from target_modules"
-    )

@@ -8,12 +8,12 @@ controllers of one adapter of one model.
 Two things drive a `Driver`:
 - `LoraForgeTrainerMixin` (trainer.py): adds the loss term in `compute_loss`, builds the optimizer
   with the param groups, tells the total steps, logs.
-- Global torch optimizer step hooks, installed on `import loraforge`: after every `step()` of any
-  optimizer that holds a loraforge adapter's parameters, the driver's `on_step_end` runs. That makes
-  methods that need only post-step work (Delta-LoRA, CoRA) complete under a plain `Trainer`,
-  `SFTTrainer` or a hand-written loop. A method that needs more (SaLoRA's loss term and gate
-  learning rate) declares it in `Controller.needs_trainer`, and the pre-step hook refuses the first
-  update, before any parameter has moved, unless a trainer or `Driver.begin` took charge.
+- The optimizer step hooks (optimizer_hooks.py, installed by integration.py): after every `step()`
+  of an optimizer that holds a loraforge adapter's parameters, the driver's `on_step_end` runs. That
+  makes methods that need only post-step work complete under a plain `Trainer`, `SFTTrainer` or a
+  hand-written loop. A method that needs more (a loss term, a learning rate of its own) declares it
+  in `Controller.needs_trainer`, and the pre-step hook refuses the first update, before any
+  parameter has moved, unless a trainer or `Driver.begin` took charge.
 """
 from __future__ import annotations
 
@@ -23,67 +23,38 @@ from typing import Optional
 import torch
 
 from . import sharding
+from .controller import Controller
 from .layer import ADAPTER_GENERATION, LIVE_LAYERS, ForgeLinear, module_order
 
 
-class Controller:
-    """Training dynamics of one axis for one adapter (the base class does nothing)."""
-
-    #: Why a plain trainer cannot drive this controller, or None if the optimizer hook suffices.
-    needs_trainer: Optional[str] = None
-    #: Whether it works when FSDP / DeepSpeed ZeRO-3 keep only a shard of each weight on a rank. None:
-    #: inferred: a controller with work of its own (`__init__`, `begin`, `regularization_loss`,
-    #: `on_step_end`) reads whole adapter or base weights outside the model's forward, where sharded
-    #: weights are shards; it works only with the layouts core/sharding.py reads (`unsupported`).
-    supports_sharded_weights: Optional[bool] = None
-
-    #: Why some of this controller's trainable parameters get no gradient in some steps (so DDP must be
-    #: told to look for unused parameters), or None.
-    leaves_parameters_unused: Optional[str] = None
-
-    def __init__(self, driver: "Driver") -> None:
-        self.driver = driver
-
-    @property
-    def layers(self) -> list[ForgeLinear]:
-        return self.driver.layers
-
-    @property
-    def adapter(self) -> str:
-        return self.driver.adapter
-
-    def begin(self, max_steps: Optional[int]) -> None:
-        """Training starts (or resumes at `driver.step`) with `max_steps` optimizer steps in all."""
-
-    def plan(self, max_steps: Optional[int]) -> None:
-        """A run of `max_steps` optimizer steps starts, under any trainer (plain ones too): warn about it."""
-
-    def regularization_loss(self) -> Optional[torch.Tensor]:
-        return None
-
-    def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
-        """Param groups with settings of their own; their params leave the trainer's default groups."""
-        return []
-
-    def before_step(self) -> None:
-        """Right before an optimizer step, the gradients complete (from the optimizer hook)."""
-
-    def on_step_end(self, step: int, max_steps: Optional[int]) -> None:
-        """After optimizer step number `step` (1-based) has been applied."""
-
-    def log_values(self) -> dict[str, float]:
-        return {}
-
-    def on_train_end(self, output_dir: Optional[str]) -> None:
-        pass
-
-    def export_metadata(self) -> dict:
-        """What an exported stock adapter should record about this controller's state."""
-        return {}
-
-
 class Driver:
-    """All controllers of one adapter of one model, behind one protocol."""
+    """All controllers of one adapter of one model, behind one protocol.
+
+    Get it with `loraforge.driver(model)`; trainers drive it themselves. In a hand-written loop, call
+    `begin(max_steps)` once, add `regularization_loss()` to the loss and build the optimizer from
+    `param_groups(lr, weight_decay)` plus the other trainable parameters; the work after each step runs
+    from the optimizer hook.
+
+    Args:
+        config (`ForgeConfig`): the adapter's config.
+        adapter (`str`): the adapter name.
+        layers (`list[ForgeLinear]`): the loraforge layers holding the adapter.
+
+    Example:
+
+        ```py
+        >>> d = loraforge.driver(model).begin(max_steps=100)
+        >>> special = d.param_groups(lr=1e-4, weight_decay=0.0)
+        >>> taken = {id(p) for g in special for p in g["params"]}
+        >>> rest = [p for p in model.parameters() if p.requires_grad and id(p) not in taken]
+        >>> opt = torch.optim.AdamW([{"params": rest}, *special], lr=1e-4)
+        >>> for batch in batches:
+        ...     loss = model(**batch).loss
+        ...     reg = d.regularization_loss()
+        ...     (loss if reg is None else loss + reg).backward()
+        ...     opt.step(); opt.zero_grad()
+        ```
+    """
 
     def __init__(self, config, adapter: str, layers: list[ForgeLinear]) -> None:
         self.config = config
@@ -108,8 +79,17 @@ class Driver:
         """The persisted counters may have changed (a load): read them again at the next `step`."""
         self._step = None
 
+    def refresh(self) -> None:
+        """The persisted state changed (a load, a prune): re-read the step and the controllers' state."""
+        self.forget_step()
+        self.refresh_controllers()
+
+    def refresh_controllers(self) -> None:
+        for c in getattr(self, "controllers", []):
+            c.refresh()
+
     def parameters(self) -> list[torch.nn.Parameter]:
-        return [p for layer in self.layers for p in _adapter_parameters(layer, self.adapter)]
+        return [p for layer in self.layers for p in adapter_parameters(layer, self.adapter)]
 
     # protocol --------------------------------------------------------------------------------
     def begin(self, max_steps: Optional[int] = None) -> "Driver":
@@ -193,7 +173,7 @@ class Driver:
             )
 
 
-def _adapter_parameters(layer: ForgeLinear, adapter: str) -> list[torch.nn.Parameter]:
+def adapter_parameters(layer: ForgeLinear, adapter: str) -> list[torch.nn.Parameter]:
     params = []
     for name in layer.adapter_layer_names:
         holder = getattr(layer, name, None)
@@ -210,10 +190,7 @@ def _reads_whole_weights(cls: type) -> bool:
     return any(getattr(cls, h) is not getattr(Controller, h) for h in hooks)
 
 
-sharded_weight = sharding.sharded_weight  # where a rank holds a shard (kept importable from here)
-
-
-def _driver_for(config, adapter: str, layers: list[ForgeLinear]) -> Driver:
+def driver_for(config, adapter: str, layers: list[ForgeLinear]) -> Driver:
     """The trainer and the optimizer hook must share one Driver; the layers hold it, so it lives
     exactly as long as the adapter does."""
     driver = layers[0].forge_drivers.get(adapter)
@@ -224,7 +201,7 @@ def _driver_for(config, adapter: str, layers: list[ForgeLinear]) -> Driver:
     return driver
 
 
-def _group(layers) -> dict[tuple[int, str], tuple]:
+def group_layers(layers) -> dict[tuple[int, str], tuple]:
     groups: dict[tuple[int, str], tuple] = {}
     for layer in layers:
         for adapter, config in layer.forge_config.items():
@@ -241,7 +218,14 @@ def drivers(model: torch.nn.Module) -> list[Driver]:
 
     Trainers ask on every micro-batch; the walk over `model.modules()` is cached until an adapter is
     added, deleted, activated or unloaded anywhere (`core.layer.adapters_changed`) or a loraforge layer
-    is created or collected."""
+    is created or collected.
+
+    Args:
+        model (`torch.nn.Module`): a model holding loraforge layers (a `PeftModel`, or wrapped by DDP / FSDP).
+
+    Returns:
+        `list[Driver]`: one per active loraforge adapter (empty when there is none).
+    """
     key = (ADAPTER_GENERATION[0], len(LIVE_LAYERS))
     cached = _DRIVERS_CACHE.get(model)
     if cached is not None and cached[0] == key:
@@ -249,100 +233,33 @@ def drivers(model: torch.nn.Module) -> list[Driver]:
     sharding.register(model)  # FSDP1 units, when `model` is the wrapped model
     layers = [m for m in model.modules() if isinstance(m, ForgeLinear)]
     out = []
-    for config, adapter, group in _group(layers).values():
+    for config, adapter, group in group_layers(layers).values():
         if adapter in group[0].active_adapters:
-            out.append(_driver_for(config, adapter, group))
+            out.append(driver_for(config, adapter, group))
     _DRIVERS_CACHE[model] = (key, out)
     return list(out)
 
 
 def driver(model: torch.nn.Module) -> Driver:
-    """The driver of the model's active loraforge adapter (exactly one is expected)."""
+    """The driver of the model's active loraforge adapter (exactly one is expected).
+
+    Args:
+        model (`torch.nn.Module`): a model holding one active loraforge adapter.
+
+    Returns:
+        `Driver`: the adapter's driver (the same object the trainers and the optimizer hook use).
+
+    Raises:
+        ValueError: when the model has no active loraforge adapter or several.
+
+    Example:
+
+        ```py
+        >>> model = get_peft_model(base, loraforge.DeltaLoRAConfig(target_modules=["q_proj"], start_step=10))
+        >>> loraforge.driver(model).begin(max_steps=200)
+        ```
+    """
     found = drivers(model)
     if len(found) != 1:
         raise ValueError(f"expected one active loraforge adapter in the model, found {len(found)}")
     return found[0]
-
-
-# optimizer hooks -------------------------------------------------------------------------------
-#: Param-group key: the group's learning rate, held through any LR schedule (`pin_constant_lr`).
-CONSTANT_LR = "loraforge_constant_lr"
-_OPT_CACHE: "weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple]" = weakref.WeakKeyDictionary()
-
-
-def _drivers_of_optimizer(optimizer: torch.optim.Optimizer) -> list[Driver]:
-    n_params = sum(len(g["params"]) for g in optimizer.param_groups)
-    cached = _OPT_CACHE.get(optimizer)
-    key = (n_params, len(LIVE_LAYERS), ADAPTER_GENERATION[0])
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
-    found = []
-    for config, adapter, group in _group(list(LIVE_LAYERS)).values():
-        # Drivers only for adapters this optimizer trains: any other live model is none of its business.
-        if any(id(p) in ids for layer in group for p in _adapter_parameters(layer, adapter)):
-            found.append(_driver_for(config, adapter, group))
-    _OPT_CACHE[optimizer] = (key, found)
-    return found
-
-
-def _state_init_step(optimizer: torch.optim.Optimizer) -> bool:
-    """torch.distributed.checkpoint creates a fresh optimizer's state by a step with lr 0 and zero
-    gradients (`_init_optim_state`; accelerate's FSDP2 optimizer loading runs it on resume). It is
-    no training step: counting it would put the adapter one step ahead of the trainer."""
-    if any(float(g.get("lr", 0.0)) != 0.0 for g in optimizer.param_groups):
-        return False
-    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    return all(not (t.to_local() if hasattr(t, "to_local") else t).any() for t in grads)
-
-
-def pin_constant_lr(optimizer: torch.optim.Optimizer) -> None:
-    """Param groups that carry `loraforge_constant_lr: <lr>` (SaLoRA's gates) step at that lr.
-
-    Runs before every optimizer step, so it holds whatever scheduler wrote `group["lr"]` after the
-    last one: LambdaLR scales each group's initial lr, but RexLR and OneCycleLR (Axolotl's `rex`,
-    `one_cycle`) write one value into every group, JaggedLR wraps another scheduler,
-    ReduceLROnPlateau chains, and a plugin's or a hand loop's scheduler is unknown here. Only the
-    lr is held: `one_cycle` still cycles the gate group's betas, as for every other group.
-    """
-    for group in optimizer.param_groups:
-        lr = group.get(CONSTANT_LR)
-        if lr is True:  # optimizer state saved before the marker carried its value
-            lr = group.get("initial_lr")
-        if lr is None or lr is False:
-            continue
-        if isinstance(group["lr"], torch.Tensor):  # capturable / fused optimizers keep lr as a tensor
-            group["lr"].fill_(lr)
-        else:
-            group["lr"] = lr
-
-
-def _pre_step(optimizer, args, kwargs) -> None:
-    optimizer._loraforge_skip = _state_init_step(optimizer)
-    if optimizer._loraforge_skip:
-        return
-    pin_constant_lr(optimizer)
-    for d in _drivers_of_optimizer(optimizer):
-        if d.step == 0:  # the first update; later, `begin` (trainers, resumes) and new drivers check
-            d.refuse_sharded()
-        d.refuse_unmanaged()
-        d.before_step()
-
-
-@torch.no_grad()
-def _post_step(optimizer, args, kwargs) -> None:
-    if getattr(optimizer, "_loraforge_skip", False):
-        return
-    for d in _drivers_of_optimizer(optimizer):
-        d.on_step_end()
-
-
-_HOOKS: list = []
-
-
-def install_optimizer_hooks() -> None:
-    if not _HOOKS:
-        from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
-
-        _HOOKS.append(register_optimizer_step_pre_hook(_pre_step))
-        _HOOKS.append(register_optimizer_step_post_hook(_post_step))

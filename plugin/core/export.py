@@ -15,23 +15,33 @@ from peft.utils import SAFETENSORS_WEIGHTS_NAME, get_peft_model_state_dict
 from safetensors.torch import save_file
 
 from .driver import drivers
-from .layer import ForgeLinear, _eval_mode
-
-
-@torch.no_grad()
-def stock_factors(layer: ForgeLinear, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B', A') with `B' A'` = the layer's whole update on the original base weight."""
-    with _eval_mode(layer):
-        b, a = layer.factors(adapter)
-    dtype = torch.promote_types(b.dtype, torch.float32)  # at least fp32; fp64 factors stay fp64
-    b, a = b.to(dtype) * layer.scaling[adapter], a.to(dtype)
-    for axis in layer.forge_axes.get(adapter, []):
-        b, a = axis.export_factors(b, a)
-    return b, a
+from .factors import stock_factors
+from .layer import ForgeLinear
 
 
 def export_lora(model, out_dir: str, adapter: str = "default", dtype: torch.dtype | None = None) -> dict[str, int]:
-    """Write `model`'s loraforge adapter to `out_dir` as a stock PEFT LoRA adapter; return module ranks."""
+    """Write `model`'s loraforge adapter to `out_dir` as a stock PEFT LoRA adapter that plain `peft` loads.
+
+    Each module's whole update on the original base weight (gates folded in, pruned ranks dropped,
+    a Delta-LoRA snapshot appended, the scaling folded into B) is written as `B' A'` with scaling 1;
+    `loraforge_export.json` beside it records the method's state (densities, snapshot step, basis).
+
+    Args:
+        model (`PeftModel`): a model holding the loraforge adapter, not merged.
+        out_dir (`str`): the folder to write (created if missing).
+        adapter (`str`, defaults to `"default"`): the adapter to export.
+        dtype (`torch.dtype`, *optional*): the dtype of the written factors (default: that of `lora_A`).
+
+    Returns:
+        `dict[str, int]`: module name -> the rank written for it.
+
+    Example:
+
+        ```py
+        >>> ranks = loraforge.export_lora(model, "stock_adapter")
+        >>> stock = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("base"), "stock_adapter")
+        ```
+    """
     layers = [m for m in model.modules() if isinstance(m, ForgeLinear) and adapter in m.lora_A]
     if not layers:
         raise ValueError(f"no loraforge layer holds adapter {adapter!r}: nothing to export")
@@ -84,43 +94,3 @@ def export_lora(model, out_dir: str, adapter: str = "default", dtype: torch.dtyp
     with open(os.path.join(out_dir, "loraforge_export.json"), "w") as f:
         json.dump(meta, f, indent=2, sort_keys=True)
     return ranks
-
-
-def base_of(adapter_dir: str) -> str | None:
-    """The base model an adapter was trained on, from its adapter_config.json (None if not recorded)."""
-    from loraforge_cli import UsageError
-
-    path = os.path.join(adapter_dir, "adapter_config.json")
-    if not os.path.isfile(path):
-        raise UsageError(f"no adapter_config.json in {adapter_dir!r}; pass the folder of a saved adapter")
-    with open(path) as f:
-        return json.load(f).get("base_model_name_or_path") or None
-
-
-def export_args(args) -> int:
-    """`loraforge export` with parsed arguments (see loraforge_cli)."""
-    from loraforge_cli import UsageError
-    from transformers import AutoModelForCausalLM
-
-    from .io import load_adapter
-
-    recorded = base_of(args.adapter)
-    base = args.base or recorded
-    if base is None:
-        raise UsageError(f"{args.adapter}/adapter_config.json records no base_model_name_or_path; "
-                         "pass the base model folder with --base")
-    if not os.path.isdir(base):
-        source = "--base" if args.base else f"base_model_name_or_path in {args.adapter}/adapter_config.json"
-        raise UsageError(f"no base model folder {base!r} ({source}); pass the folder the adapter was trained on "
-                         "with --base")
-    model = load_adapter(AutoModelForCausalLM.from_pretrained(base), args.adapter)
-    ranks = export_lora(model, args.out)
-    print(f"wrote a stock PEFT LoRA adapter ({len(ranks)} modules, ranks {min(ranks.values())}-{max(ranks.values())}) "
-          f"from base {base} to {args.out}")
-    return 0
-
-
-def main(argv: list[str]) -> int:
-    from loraforge_cli import parse
-
-    return export_args(parse("export", argv))

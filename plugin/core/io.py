@@ -16,10 +16,26 @@ def saved_method(path: str) -> str | None:
 
 
 def load_adapter(base_model, path: str, adapter_name: str = "default", is_trainable: bool = False) -> PeftModel:
-    """`PeftModel.from_pretrained` with loraforge's types registered (importing loraforge registers them).
+    """Load a saved adapter onto `base_model`: `PeftModel.from_pretrained` with loraforge's types registered
+    (importing loraforge registers every method's config with PEFT, `registry.register_method`).
 
     Works for stock PEFT adapters too, so evaluation code can take either.
-    """
-    from .. import registry  # noqa: F401  (registers the config classes with PEFT)
 
+    Args:
+        base_model (`torch.nn.Module`): the base model the adapter was trained on, freshly loaded.
+        path (`str`): the adapter folder (`adapter_config.json` and the adapter weights).
+        adapter_name (`str`, defaults to `"default"`): the name the adapter gets in the model.
+        is_trainable (`bool`, defaults to `False`): load it to train further (else frozen, for inference).
+
+    Returns:
+        `PeftModel`: the model with the adapter, of its saved method with all its state (gates,
+        snapshots, step counts).
+
+    Example:
+
+        ```py
+        >>> from transformers import AutoModelForCausalLM
+        >>> model = loraforge.load_adapter(AutoModelForCausalLM.from_pretrained("base"), "outputs/salora")
+        ```
+    """
     return PeftModel.from_pretrained(base_model, path, adapter_name=adapter_name, is_trainable=is_trainable)

@@ -7,9 +7,11 @@ An axis is a small per-(layer, adapter) object from a method's `layer.py` that m
   Delta-LoRA).
 The composed forward is `h = W x + s·B diag(g) A x + Σ extra_output(x)`; an axis may compute that
 whole adapter term itself (`lora_branch`, e.g. one fused autograd function) when it is the only
-axis that changes the forward. Axis state that must
-survive save/load lives in `lora_`-prefixed dicts keyed by adapter name, so PEFT's own
-`get_peft_model_state_dict` / `set_peft_model_state_dict` save and restore it with the adapter.
+axis that changes the forward. Axis state that must survive save/load lives in `lora_`-prefixed
+dicts keyed by adapter name, which the axis declares in `Axis.tensors` and the layer creates, so
+PEFT's own `get_peft_model_state_dict` / `set_peft_model_state_dict` save and restore it with the
+adapter. The layer knows no method: what it does with a tensor (train it, keep it fp32, shard it)
+it reads from those declarations.
 """
 from __future__ import annotations
 
@@ -43,8 +45,25 @@ def adapters_changed() -> None:
     ADAPTER_GENERATION[0] += 1
 
 
+#: `Axis.tensors` kinds: a parameter that trains with the adapter (kept fp32, in its own holder) or a
+#: persistent buffer of control state (saved with the adapter, never trained).
+TRAINABLE, STATE = "trainable", "state"
+
+
 class Axis:
-    """Base of the per-layer pieces. Subclasses override only what their axis changes."""
+    """Base of the per-layer pieces. Subclasses override only what their axis changes.
+
+    Args:
+        layer (`ForgeLinear`): the layer this axis is part of.
+        adapter (`str`): the adapter name.
+        config (`ForgeConfig`): the adapter's config.
+    """
+
+    #: The `lora_*` holders this axis adds to its layer, name -> `TRAINABLE` (an `nn.ParameterDict`
+    #: the optimizer steps with the adapter) or `STATE` (a persistent `BufferDict`). The layer creates
+    #: them before `init_factors`, keeps them in their dtype through casts, deletes their entry with the
+    #: adapter, and sharding (core/sharding.py) gathers the trainable ones like A and B.
+    tensors: dict[str, str] = {}
 
     def __init__(self, layer: "ForgeLinear", adapter: str, config) -> None:
         self.layer = layer
@@ -90,15 +109,20 @@ class Axis:
         return None
 
 
+def is_forge_config(config) -> bool:
+    """Whether `config` composes loraforge axes (a `ForgeConfig`; tested by its protocol, so this module
+    need not import the config module, which imports the layer classes)."""
+    return callable(getattr(config, "axes", None)) and callable(getattr(config, "controllers", None))
+
+
 class ForgeLinear(LoraLinear):
-    adapter_layer_names = LoraLinear.adapter_layer_names + ("lora_gate_logits",)
+    """PEFT's LoRA `Linear` with the axes of a loraforge config composed into its forward and delta."""
+
     other_param_names = LoraLinear.other_param_names + ("lora_forge_step",)
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config, **kwargs) -> None:
         adapters_changed()
-        from .config import ForgeConfig  # late: config.py imports this module
-
-        if not isinstance(config, ForgeConfig):
+        if not is_forge_config(config):
             # A stock LoraConfig adapter on a layer loraforge already wraps (e.g. the result of
             # add_weighted_adapter, see core/weighted.py): plain LoRA, no axes, no driver, no extra state.
             return super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
@@ -109,7 +133,6 @@ class ForgeLinear(LoraLinear):
             self.forge_name: str = kwargs.get("target_name") or ""
             self.forge_captured: dict = {}  # sharded engines: what this forward used (core/sharding.py)
             self.lora_forge_step = BufferDict({}, persistent=True)
-            self.lora_gate_logits = torch.nn.ParameterDict({})
             self.register_load_state_dict_post_hook(lambda module, keys: module.refresh_axes())
             LIVE_LAYERS.add(self)
         super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
@@ -118,11 +141,35 @@ class ForgeLinear(LoraLinear):
         # parameter-less adapter modules (this BufferDict) to the base weight's device, which fails from meta.
         weight = self.get_base_layer().weight
         self.lora_forge_step[adapter_name] = torch.zeros((), dtype=torch.long, device=weight.device)
-        axes = [cls(self, adapter_name, config) for cls in config.axes()]
+        classes = config.axes()
+        for cls in classes:
+            self._add_holders(cls.tensors)
+        axes = [cls(self, adapter_name, config) for cls in classes]
         self.forge_axes[adapter_name] = axes
         for axis in axes:
             axis.init_factors()
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def _add_holders(self, tensors: dict[str, str]) -> None:
+        """Create the `lora_*` holders an axis declares (once per layer); trainable ones join this
+        layer's `adapter_layer_names`, so PEFT marks them trainable and deletes them with the adapter."""
+        for name, kind in tensors.items():
+            if kind not in (TRAINABLE, STATE):
+                raise ValueError(f"Axis.tensors[{name!r}]: kind must be {TRAINABLE!r} or {STATE!r}, got {kind!r}")
+            if not name.startswith("lora_"):
+                raise ValueError(f"Axis.tensors[{name!r}]: names must start with 'lora_' (PEFT saves only those)")
+            if hasattr(self, name):
+                continue
+            if kind == TRAINABLE:
+                setattr(self, name, torch.nn.ParameterDict({}))
+                self.adapter_layer_names = tuple(self.adapter_layer_names) + (name,)
+            else:
+                setattr(self, name, BufferDict({}, persistent=True))
+
+    @property
+    def trainable_control(self) -> tuple[str, ...]:
+        """The trainable holders the axes added (beyond PEFT's A and B), e.g. gate logits."""
+        return tuple(n for n in self.adapter_layer_names if n not in LoraLinear.adapter_layer_names)
 
     def __setstate__(self, state) -> None:
         # copy.deepcopy and pickle rebuild the layer without __init__ / update_layer: register the copy too,
@@ -183,13 +230,14 @@ class ForgeLinear(LoraLinear):
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device=None) -> None:
         # PEFT moves AND casts every holder it lists to the base layer's dtype; hide the control
         # holders from it and move them to the device only.
-        control = [n for n in self._control_holders() if n in self.adapter_layer_names + self.other_param_names]
-        self.adapter_layer_names = tuple(n for n in type(self).adapter_layer_names if n not in control)
-        self.other_param_names = tuple(n for n in type(self).other_param_names if n not in control)
+        listed = (self.adapter_layer_names, self.other_param_names)
+        control = [n for n in self._control_holders() if n in listed[0] + listed[1]]
+        self.adapter_layer_names = tuple(n for n in listed[0] if n not in control)
+        self.other_param_names = tuple(n for n in listed[1] if n not in control)
         try:
             super()._move_adapter_to_device_of_base_layer(adapter_name, device)
         finally:
-            del self.adapter_layer_names, self.other_param_names
+            self.adapter_layer_names, self.other_param_names = listed
         target = device if device is not None else self.get_base_layer().weight.device
         for name in control:
             holder = getattr(self, name)
@@ -204,11 +252,14 @@ class ForgeLinear(LoraLinear):
         return self.get_base_layer()
 
     def refresh_axes(self) -> None:
+        """After a load: the axes re-read their persisted state, then the drivers and controllers."""
         for driver in self.forge_drivers.values():
             driver.forget_step()  # a load may have restored another step count
         for axes in self.forge_axes.values():
             for axis in axes:
                 axis.refresh()
+        for driver in self.forge_drivers.values():
+            driver.refresh_controllers()
 
     def step_count(self, adapter: str) -> int:
         return int(self.lora_forge_step[adapter])
@@ -227,7 +278,7 @@ class ForgeLinear(LoraLinear):
         b = sharding.whole(self, "lora_B", adapter)
         a = sharding.whole(self, "lora_A", adapter)
         if gate is None:
-            with _eval_mode(self):
+            with eval_mode(self):
                 gate = self.gate_values(adapter)
         return (b if gate is None else b * gate.to(b.dtype)), a
 
@@ -293,7 +344,7 @@ def _apply_keeping_dtype(holder: torch.nn.Module, fn, only: Optional[str] = None
                 param.grad = convert(param.grad)
 
 
-class _eval_mode:
+class eval_mode:
     """Temporarily put a layer in eval mode (deterministic gates) for merge and export."""
 
     def __init__(self, layer: torch.nn.Module) -> None:

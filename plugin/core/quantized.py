@@ -9,12 +9,12 @@ layer and adds our adapter term out of place, so PEFT's defensive `result.clone(
 (needed only for its in-place `+=`) is not needed.
 
 Decisions:
-- Dispatch goes through the same `_register_custom_module` entry as `nn.Linear` (core/config.py):
+- Dispatch goes through the same `_register_custom_module` entry as `nn.Linear` (core/dispatch.py):
   bnb's linears are `nn.Linear` subclasses, and `forge_linear` routes them to the bnb layers.
 - Code that needs the base weight as numbers (Delta-LoRA's W_0 fingerprint, its merge term) asks
   `dense_weight`, which dequantises with PEFT's `dequantize_module_weight` (the weight itself for a
   full-precision layer, so nothing changes there); shapes come from the layer (`in_features`,
-  `out_features`) or `stored_shape`, never from the packed storage.
+  `out_features`), never from the packed storage.
 - `fan_in_fan_out` is forced to False as PEFT's bnb layers do: a bnb weight is always (out, in).
 - bnb 0.50's CPU repacking of 4-bit weights for eval is turned off on our bases (see
   `_ForgeBnb.__init__`): it is undone lossily by every `state_dict()`, so saved adapters would stop
@@ -23,19 +23,17 @@ Decisions:
 - Trainable adapter tensors may be bf16 while a frozen one stays fp32 (TRL casts only trainable
   tensors on k-bit bases): the forward casts the rank-r hidden to B's dtype (core/layer.py).
 - The other quantisation backends PEFT's LoRA dispatches (GPTQ, AWQ, AQLM, HQQ, EETQ, torchao,
-  INC) are refused with one line naming the backend: PEFT would otherwise build its plain LoRA
-  layer for them and the method would silently train as LoRA.
+  INC) are refused with one line naming the backend (core/dispatch.py): PEFT would otherwise build
+  its plain LoRA layer for them and the method would silently train as LoRA.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 from peft.tuners.lora.layer import LoraLayer
 from peft.utils.integrations import dequantize_module_weight
 
-from .config import ForgeConfigError
 from .layer import ForgeLinear
 
 #: Top-level package of a quantised layer's class -> the backend's name in messages.
@@ -51,7 +49,7 @@ def is_quantized(base_layer: torch.nn.Module) -> bool:
     weight = getattr(base_layer, "weight", None)
     if weight is None or type(weight).__name__ in ("Params4bit", "Int8Params"):  # 4-bit may store in bf16
         return True
-    return not weight.dtype.is_floating_point or _backend(base_layer) is not None
+    return not weight.dtype.is_floating_point or backend(base_layer) is not None
 
 
 def quantization_name(base_layer: torch.nn.Module) -> str:
@@ -61,7 +59,7 @@ def quantization_name(base_layer: torch.nn.Module) -> str:
         return f"bitsandbytes 4-bit ({weight.quant_type})"
     if type(weight).__name__ == "Int8Params":
         return "bitsandbytes 8-bit"
-    return _backend(base_layer) or f"quantised ({type(base_layer).__name__})"
+    return backend(base_layer) or f"quantised ({type(base_layer).__name__})"
 
 
 def dense_weight(base_layer: torch.nn.Module) -> torch.Tensor:
@@ -83,58 +81,13 @@ def standard_layout(base_layer: torch.nn.Module) -> None:
         weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
 
 
-def stored_shape(weight: torch.Tensor, shape: tuple[int, int]) -> tuple[int, ...]:
-    """The shape a WHOLE weight of logical shape `shape` has in storage (bnb 4-bit packs two values
-    per byte of its quant_storage dtype into an (n, 1) tensor), for the sharding check."""
-    if type(weight).__name__ == "Params4bit":
-        return (math.ceil(shape[0] * shape[1] / (2 * weight.element_size())), 1)
-    return tuple(shape)
-
-
-def _backend(module: torch.nn.Module) -> Optional[str]:
+def backend(module: torch.nn.Module) -> Optional[str]:
     for obj in (module, getattr(module, "weight", None)):
         if obj is not None:
             root = type(obj).__module__.split(".")[0]
             if root in BACKENDS:
                 return BACKENDS[root]
     return "HQQ" if hasattr(module, "W_q") else None
-
-
-def refuse_backend(target, adapter_name, config=None, target_name="", **kwargs):
-    """Dispatched (last) for any targeted module no loraforge layer adapts, so that PEFT's own
-    dispatchers never build a plain LoRA layer for it; names the quantisation backend if any."""
-    base = target.get_base_layer() if hasattr(target, "get_base_layer") else target
-    backend = _backend(base)
-    name = target_name or adapter_name
-    what = type(config).__name__
-    if backend is not None:
-        raise ForgeConfigError(
-            f"target_modules: {name} is a {backend}-quantised {type(base).__name__}; {what} supports bitsandbytes "
-            "4-bit / 8-bit bases (BitsAndBytesConfig(load_in_4bit=True) or load_in_8bit=True) and full-precision "
-            f"ones, not {backend}: load the base with bitsandbytes or unquantised")
-    raise ForgeConfigError(
-        f"target_modules: {name} is a {type(base).__name__}; {what} adapts nn.Linear layers (full precision or "
-        "bitsandbytes 4-bit / 8-bit) only: remove it from target_modules")
-
-
-def forge_linear(target, adapter_name, config=None, **kwargs):
-    """`nn.Linear` dispatch (bnb's linears are `nn.Linear` subclasses): a bnb base gets
-    `ForgeLinear4bit` / `ForgeLinear8bitLt`, a weight quantised by another backend is refused
-    (torchao keeps `nn.Linear` and swaps the weight for a tensor subclass), else `ForgeLinear`.
-    Routing here rather than by extra mapping keys keeps `import loraforge` free of bitsandbytes
-    (a model with bnb layers has imported it already)."""
-    base = target.get_base_layer() if hasattr(target, "get_base_layer") else target
-    if type(base).__module__.startswith("bitsandbytes"):
-        import bitsandbytes as bnb
-
-        classes = bnb_classes()
-        for bnb_cls, name in ((bnb.nn.Linear4bit, "ForgeLinear4bit"), (bnb.nn.Linear8bitLt, "ForgeLinear8bitLt")):
-            if isinstance(base, bnb_cls):
-                return classes[name](target, adapter_name, config=config, **kwargs)
-        refuse_backend(target, adapter_name, config=config, **kwargs)
-    if _backend(base) is not None:
-        refuse_backend(target, adapter_name, config=config, **kwargs)
-    return ForgeLinear(target, adapter_name, config=config, **kwargs)
 
 
 class _ForgeBnb:

@@ -19,7 +19,12 @@ each engine has the whole tensor. What the methods need, and how it is got here:
 - `local_product(w, left, right)`: the part of `left @ right` (a low-rank update of `w`, as `w` is
   stored) at the elements this rank holds of `w`, and a view of those elements, so an in-place
   update writes only the rank's shard and a whole `w` is never gathered.
-- `matvec(w, v)`: `w @ v` (Delta-LoRA's fingerprint of the base weight) from the shards.
+- `matvec(w, v)`: `w @ v` (a fingerprint of the base weight) from the shards.
+
+Each engine is one small adapter class (`Fsdp2`, `Fsdp1`, `Zero3`) answering the same four
+questions (gather a whole tensor, the rank's flat range, how many ranks hold an element, what of its
+layout loraforge cannot use); `engine(t)` picks the one that holds `t` as a shard now. The adapter's
+trainable tensors are A, B and what the axes declare trainable (`ForgeLinear.trainable_control`).
 """
 from __future__ import annotations
 
@@ -32,12 +37,15 @@ try:
     from torch.distributed.tensor import DTensor, Replicate, Shard
 except ImportError:  # torch built without distributed
     DTensor, Replicate, Shard = (), (), ()
+try:
+    from torch.distributed.fsdp._flat_param import FlatParameter
+except ImportError:  # torch built without distributed
+    FlatParameter = ()
 
 # id(FSDP1 original parameter) -> (weak refs to it and its flat parameter, index in it). FSDP1 keeps no
 # link from the parameter back; it is learnt from the FSDP units (`register`) or from a forward
 # (`capture`). Keyed by id: tensors compare elementwise, so they cannot be dictionary keys.
 _FLAT: dict[int, tuple] = {}
-ADAPTER_TENSORS = ("lora_A", "lora_B", "lora_gate_logits")
 _STEPS = [0]  # optimizer steps seen: a capture from before the latest step is stale
 
 
@@ -45,15 +53,14 @@ def stepped() -> None:
     _STEPS[0] += 1
 
 
-try:
-    from torch.distributed.fsdp._flat_param import FlatParameter
-except ImportError:  # torch built without distributed
-    FlatParameter = ()
-
-
 def tensor_of(layer, name: str, adapter: str) -> torch.Tensor:
     item = getattr(layer, name)[adapter]
     return item.weight if isinstance(item, torch.nn.Module) else item
+
+
+def adapter_tensors(layer) -> tuple[str, ...]:
+    """The holders of `layer` whose tensors train: A, B and the axes' declared trainable ones."""
+    return ("lora_A", "lora_B", *getattr(layer, "trainable_control", ()))
 
 
 def _register_flat(flat) -> None:
@@ -87,32 +94,181 @@ def register(model: torch.nn.Module) -> None:
             _register_flat(handle.flat_param)
 
 
-def _zero3_gathered(t: torch.Tensor) -> bool:
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+# one adapter per engine ------------------------------------------------------------------------
+class Engine:
+    """What loraforge asks of a sharding engine; each subclass answers for one engine."""
 
-    return t.ds_status == ZeroParamStatus.AVAILABLE
+    name = ""
+    #: Whether the whole tensor it gathers carries the gradient back to the shard (else the loss reads
+    #: what the forward captured, `capture`).
+    differentiable = False
+    #: Why loraforge refuses a layout `refuses` picks out (formatted with `what` and `t`).
+    refusal = ""
+
+    @staticmethod
+    def holds_shard(t) -> bool:
+        """Whether this rank holds only a shard of `t` now, laid out by this engine."""
+        raise NotImplementedError
+
+    @staticmethod
+    def refuses(t) -> bool:
+        """Whether `t` is laid out by this engine in a way loraforge cannot read."""
+        raise NotImplementedError
+
+    @classmethod
+    def unsupported(cls, t, what: str) -> Optional[str]:
+        return cls.refusal.format(what=what, t=t) if cls.refuses(t) else None
 
 
-def engine(t: torch.Tensor) -> Optional[str]:
-    """"fsdp2", "fsdp1" or "zero3" when this rank holds only a shard of `t` now; None when whole."""
-    if isinstance(t, DTensor):
-        return "fsdp2"
-    if hasattr(t, "ds_id"):
-        return None if _zero3_gathered(t) else "zero3"
-    entry = _flat_of(t)
-    if entry is not None:
+class Fsdp2(Engine):
+    """`fully_shard`: a DTensor, rows split (`Shard(0)`, with `Replicate` for HSDP)."""
+
+    name = "fsdp2"
+    differentiable = True  # `full_tensor()` carries the gradient back to the shard
+    refusal = ("{what} is a DTensor with placements {t.placements}: loraforge supports FSDP2's row sharding "
+               "(Shard(0), with Replicate for HSDP), not tensor parallelism")
+
+    @staticmethod
+    def holds_shard(t) -> bool:
+        return isinstance(t, DTensor)
+
+    @staticmethod
+    def gather(t):
+        return t.detach().full_tensor()
+
+    @staticmethod
+    def local_flat(w):
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        local = w.to_local()
+        _, offset = compute_local_shape_and_global_offset(w.shape, w.device_mesh, w.placements)
+        return local.data.view(-1), offset[0] * (w.numel() // w.shape[0])
+
+    @staticmethod
+    def replicas(w) -> int:
+        sizes = [w.device_mesh.size(d) for d, p in enumerate(w.placements) if isinstance(p, Replicate)]
+        return int(torch.tensor(sizes or [1]).prod())
+
+    @staticmethod
+    def refuses(t) -> bool:
+        return isinstance(t, DTensor) and not all(
+            isinstance(p, (Shard, Replicate)) and (not isinstance(p, Shard) or p.dim == 0) for p in t.placements)
+
+
+class Fsdp1(Engine):
+    """FSDP1 with `use_orig_params=True`: a 1-D view of the rank's part of the unit's flat parameter."""
+
+    name = "fsdp1"
+    refusal = ("{what} is a view of an FSDP1 flat parameter built with use_orig_params=False; loraforge needs "
+               "use_orig_params=True (accelerate's default: fsdp_use_orig_params: true)")
+
+    @staticmethod
+    def holds_shard(t) -> bool:
+        entry = _flat_of(t)
+        if entry is None:
+            return False
         flat, i = entry
         # Decided from the unit (the same on every rank), not the local shape: a rank holding all of a
         # 1-D tensor must still join the gather that the others need. (Sizes set when FSDP1 shards,
         # before its lazy init: a driver may read the factors before the first forward.)
-        if flat._sharded_size.numel() < flat._unpadded_unsharded_size.numel() or tuple(t.shape) != tuple(flat._shapes[i]):
-            return "fsdp1"
-    return None
+        return flat._sharded_size.numel() < flat._unpadded_unsharded_size.numel() or tuple(t.shape) != tuple(flat._shapes[i])
+
+    @staticmethod
+    def gather(t):
+        flat, i = _flat_of(t)
+        info, shape = flat._shard_param_infos[i], flat._shapes[i]
+        n = info.numel_in_shard if info.in_shard else 0
+        start = info.intra_param_start_idx if info.in_shard else 0
+        dist = torch.distributed
+        world = dist.get_world_size()
+        meta = torch.tensor([start, n], dtype=torch.long, device=t.device)
+        metas = [torch.empty_like(meta) for _ in range(world)]
+        dist.all_gather(metas, meta)
+        width = max(int(m[1]) for m in metas)
+        piece = torch.zeros(width, dtype=t.dtype, device=t.device)
+        piece[:n] = t.detach().reshape(-1)[:n]
+        pieces = [torch.empty_like(piece) for _ in range(world)]
+        dist.all_gather(pieces, piece)
+        out = torch.zeros(shape.numel(), dtype=t.dtype, device=t.device)
+        for m, p in zip(metas, pieces):
+            s, k = m.tolist()
+            out[s:s + k] = p[:k]
+        return out.view(shape)
+
+    @staticmethod
+    def local_flat(w):
+        flat, i = _flat_of(w)
+        info = flat._shard_param_infos[i]
+        return (w.data.view(-1), info.intra_param_start_idx) if info.in_shard else (w.data.view(-1)[:0], 0)
+
+    @staticmethod
+    def replicas(w) -> int:
+        flat, _ = _flat_of(w)
+        return max(1, torch.distributed.get_world_size() * flat._sharded_size.numel() // flat._unpadded_unsharded_size.numel())
+
+    @staticmethod
+    def refuses(t) -> bool:
+        return isinstance(getattr(t, "_base", None), FlatParameter) and t._base._params is None
 
 
+class Zero3(Engine):
+    """DeepSpeed ZeRO-3: an empty `data`, the rank's flat partition in `ds_tensor`."""
+
+    name = "zero3"
+    # The GatheredParameters path is written by the same rules but has never run to the end on a test
+    # (DeepSpeed's CPU backend did not finish a 2-rank run here): refuse it.
+    refusal = ("{what} is partitioned by DeepSpeed ZeRO-3, which loraforge has not verified; train with FSDP "
+               "(fsdp_version: 2) or DeepSpeed ZeRO stage 1 or 2")
+
+    @staticmethod
+    def holds_shard(t) -> bool:
+        if not hasattr(t, "ds_id"):
+            return False
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        return t.ds_status != ZeroParamStatus.AVAILABLE
+
+    @staticmethod
+    def gather(t):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([t], modifier_rank=None):
+            return t.detach().clone()
+
+    @staticmethod
+    def local_flat(w):
+        part = w.ds_tensor  # rank k holds elements [k·p, (k+1)·p) of the flat weight, the last one padded
+        start = w.partition_numel() * torch.distributed.get_rank(group=w.ds_process_group)
+        n = max(0, min(part.numel(), w.ds_numel - start))
+        return part.data.view(-1)[:n], start
+
+    @staticmethod
+    def replicas(w) -> int:
+        return torch.distributed.get_world_size() // torch.distributed.get_world_size(group=w.ds_process_group)
+
+    @staticmethod
+    def refuses(t) -> bool:
+        return hasattr(t, "ds_id")
+
+
+ENGINES = (Fsdp2, Zero3, Fsdp1)
+
+
+def engine_of(t: torch.Tensor):
+    """The engine adapter that holds `t` as a shard now, or None when this rank has all of it."""
+    return next((e for e in ENGINES if e.holds_shard(t)), None)
+
+
+def engine(t: torch.Tensor) -> Optional[str]:
+    """"fsdp2", "fsdp1" or "zero3" when this rank holds only a shard of `t` now; None when whole."""
+    found = engine_of(t)
+    return None if found is None else found.name
+
+
+# what the methods use --------------------------------------------------------------------------
 def capture(layer) -> None:
     """In the forward (whole tensors): keep what a loss term must differentiate later (see module doc)."""
-    for name in ADAPTER_TENSORS:
+    for name in adapter_tensors(layer):
         for adapter, item in getattr(layer, name, {}).items():
             t = item.weight if isinstance(item, torch.nn.Module) else item
             base = getattr(t, "_base", None)
@@ -125,17 +281,17 @@ def capture(layer) -> None:
 def whole(layer, name: str, adapter: str) -> torch.Tensor:
     """The whole `name[adapter]` of `layer`: differentiable in grad mode, else the current value."""
     t = tensor_of(layer, name, adapter)
-    kind = engine(t)
-    if kind is None:
+    found = engine_of(t)
+    if found is None:
         return t
     if torch.is_grad_enabled() and t.requires_grad:
-        if kind == "fsdp2":
+        if found.differentiable:
             return t.full_tensor()
         step, seen = getattr(layer, "forge_captured", {}).get((name, adapter), (None, None))
         if step != _STEPS[0]:
-            raise RuntimeError(f"{layer.forge_name}.{name}.{adapter} is sharded by {kind} and no forward of this layer "
-                               "ran in grad mode since the last optimizer step: a loss term that reads the adapter must "
-                               "follow the model's forward (or read it under torch.no_grad())")
+            raise RuntimeError(f"{layer.forge_name}.{name}.{adapter} is sharded by {found.name} and no forward of this "
+                               "layer ran in grad mode since the last optimizer step: a loss term that reads the adapter "
+                               "must follow the model's forward (or read it under torch.no_grad())")
         return seen
     return gather(t)
 
@@ -143,56 +299,14 @@ def whole(layer, name: str, adapter: str) -> torch.Tensor:
 @torch.no_grad()
 def gather(t: torch.Tensor) -> torch.Tensor:
     """The whole current value of a (small) sharded tensor, detached. Collective."""
-    kind = engine(t)
-    if kind is None:
-        return t.detach()
-    if kind == "fsdp2":
-        return t.detach().full_tensor()
-    if kind == "zero3":
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters([t], modifier_rank=None):
-            return t.detach().clone()
-    flat, i = _flat_of(t)
-    info, shape = flat._shard_param_infos[i], flat._shapes[i]
-    n = info.numel_in_shard if info.in_shard else 0
-    start = info.intra_param_start_idx if info.in_shard else 0
-    dist = torch.distributed
-    world = dist.get_world_size()
-    meta = torch.tensor([start, n], dtype=torch.long, device=t.device)
-    metas = [torch.empty_like(meta) for _ in range(world)]
-    dist.all_gather(metas, meta)
-    width = max(int(m[1]) for m in metas)
-    piece = torch.zeros(width, dtype=t.dtype, device=t.device)
-    piece[:n] = t.detach().reshape(-1)[:n]
-    pieces = [torch.empty_like(piece) for _ in range(world)]
-    dist.all_gather(pieces, piece)
-    out = torch.zeros(shape.numel(), dtype=t.dtype, device=t.device)
-    for m, p in zip(metas, pieces):
-        s, k = m.tolist()
-        out[s:s + k] = p[:k]
-    return out.view(shape)
+    found = engine_of(t)
+    return t.detach() if found is None else found.gather(t)
 
 
 def local_flat(w: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(a 1-D view of the elements of `w` this rank holds, their first index in the row-major whole)."""
-    kind = engine(w)
-    if kind is None:
-        return w.data.view(-1), 0
-    if kind == "fsdp2":
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-        local = w.to_local()
-        _, offset = compute_local_shape_and_global_offset(w.shape, w.device_mesh, w.placements)
-        return local.data.view(-1), offset[0] * (w.numel() // w.shape[0])
-    if kind == "zero3":
-        part = w.ds_tensor  # rank k holds elements [k·p, (k+1)·p) of the flat weight, the last one padded
-        start = w.partition_numel() * torch.distributed.get_rank(group=w.ds_process_group)
-        n = max(0, min(part.numel(), w.ds_numel - start))
-        return part.data.view(-1)[:n], start
-    flat, i = _flat_of(w)
-    info = flat._shard_param_infos[i]
-    return (w.data.view(-1), info.intra_param_start_idx) if info.in_shard else (w.data.view(-1)[:0], 0)
+    found = engine_of(w)
+    return (w.data.view(-1), 0) if found is None else found.local_flat(w)
 
 
 def local_product(w: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,26 +321,14 @@ def local_product(w: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> t
     return view, block[start - r0 * cols:start - r0 * cols + n]
 
 
-def _replicas(w: torch.Tensor, kind: str) -> int:
-    """How many ranks hold each element (HSDP / HYBRID_SHARD replicate the shards)."""
-    world = torch.distributed.get_world_size()
-    if kind == "fsdp2":
-        sizes = [w.device_mesh.size(d) for d, p in enumerate(w.placements) if isinstance(p, Replicate)]
-        return int(torch.tensor(sizes or [1]).prod())
-    if kind == "zero3":
-        return world // torch.distributed.get_world_size(group=w.ds_process_group)
-    flat, _ = _flat_of(w)
-    return max(1, world * flat._sharded_size.numel() // flat._unpadded_unsharded_size.numel())
-
-
 @torch.no_grad()
 def matvec(w: torch.Tensor, v: torch.Tensor, transposed: bool = False) -> torch.Tensor:
     """`w @ v` (`wᵀ @ v` if `transposed`) for a 2-D `w`, from the shards (collective when sharded)."""
-    kind = engine(w)
-    if kind is None:
+    found = engine_of(w)
+    if found is None:
         m = w.detach().to(v.dtype)
         return (m.T if transposed else m) @ v
-    view, start = local_flat(w)
+    view, start = found.local_flat(w)
     rows, cols = w.shape
     out = torch.zeros(cols if transposed else rows, dtype=v.dtype, device=v.device)
     idx = torch.arange(start, start + view.numel(), device=v.device)
@@ -237,7 +339,7 @@ def matvec(w: torch.Tensor, v: torch.Tensor, transposed: bool = False) -> torch.
     else:
         out.index_add_(0, r, vals * v[c])
     torch.distributed.all_reduce(out)
-    return out / _replicas(w, kind)
+    return out / found.replicas(w)
 
 
 def unsupported(layers, adapter: str) -> Optional[str]:
@@ -246,58 +348,8 @@ def unsupported(layers, adapter: str) -> Optional[str]:
         for name in ("lora_A", "lora_B"):
             t = tensor_of(layer, name, adapter)
             what = f"{layer.forge_name}.{name}.{adapter}.weight"
-            if hasattr(t, "ds_id"):
-                # The GatheredParameters path below is written by the same rules but has never run to the
-                # end on a test (DeepSpeed's CPU backend did not finish a 2-rank run here): refuse it.
-                return (f"{what} is partitioned by DeepSpeed ZeRO-3, which loraforge has not verified; train with "
-                        "FSDP (fsdp_version: 2) or DeepSpeed ZeRO stage 1 or 2")
-            if isinstance(t, DTensor) and not all(isinstance(p, (Shard, Replicate)) and (not isinstance(p, Shard) or p.dim == 0)
-                                                  for p in t.placements):
-                return (f"{what} is a DTensor with placements {tuple(t.placements)}: loraforge supports FSDP2's row "
-                        "sharding (Shard(0), with Replicate for HSDP), not tensor parallelism")
-            if isinstance(getattr(t, "_base", None), FlatParameter) and t._base._params is None:
-                return (f"{what} is a view of an FSDP1 flat parameter built with use_orig_params=False; loraforge "
-                        "needs use_orig_params=True (accelerate's default: fsdp_use_orig_params: true)")
+            for e in ENGINES:
+                reason = e.unsupported(t, what)
+                if reason is not None:
+                    return reason
     return None
-
-
-def sharded_weight(layers, adapter: str) -> Optional[str]:
-    """Where a rank holds only part of an adapted layer's weight (None: every weight is whole)."""
-    from .quantized import stored_shape  # late: quantized imports the layer, which this module must not
-
-    for layer in layers:
-        d_out, d_in, r = layer.out_features, layer.in_features, layer.r[adapter]
-        base = (d_in, d_out) if layer.fan_in_fan_out else (d_out, d_in)
-        for name, t, shape in (("base_layer.weight", layer.get_base_layer().weight, base),
-                               (f"lora_A.{adapter}.weight", layer.lora_A[adapter].weight, (r, d_in)),
-                               (f"lora_B.{adapter}.weight", layer.lora_B[adapter].weight, (d_out, r))):
-            what = f"{layer.forge_name}.{name}"
-            if isinstance(t, DTensor):
-                return f"{what} is a DTensor with placements {tuple(t.placements)} (FSDP2)"
-            if hasattr(t, "ds_id"):
-                return f"{what} is partitioned by DeepSpeed ZeRO-3"
-            whole = stored_shape(t, shape)  # a whole bnb 4-bit weight is packed into (n, 1)
-            if tuple(t.shape) != whole:
-                return f"{what} has shape {tuple(t.shape)}, not {whole} (an FSDP1 flat-parameter shard)"
-    return None
-
-
-def install_peft_fsdp1_names() -> None:
-    """Make PEFT find the adapter in a full state dict of an FSDP1-wrapped model.
-
-    PEFT 0.21 selects the adapter's entries by the names of its tuner layers; FSDP1's auto-wrapping
-    puts `_fsdp_wrapped_module.` into those names but not into the state dict's keys (FSDP cleans
-    them), so `save_pretrained(state_dict=...)` (what `trainer.save_model()` does under FSDP) wrote
-    an empty adapter. Strip the wrapper names from the prefixes; nothing changes without FSDP1."""
-    from peft.tuners import tuners_utils
-
-    original = tuners_utils._get_tuner_state_dict_key_prefixes
-    if getattr(original, "_loraforge", False):
-        return
-
-    def prefixes(model, *args, **kwargs):
-        found = original(model, *args, **kwargs)
-        return {p.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "") for p in found}
-
-    prefixes._loraforge = True
-    tuners_utils._get_tuner_state_dict_key_prefixes = prefixes

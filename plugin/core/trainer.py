@@ -4,10 +4,10 @@ The mixin adds the methods' loss terms in `compute_loss` (TRL's `SFTTrainer` com
 itself and ignores the model's `outputs.loss`, so a term added inside the forward would be lost),
 builds the optimizer with the methods' own param groups, tells the methods the total number of
 steps when training begins, and merges their values into the trainer's logs. The work after each
-optimizer step runs from the optimizer hook that every loraforge adapter shares (driver.py), so it
+optimizer step runs from the optimizer hook that every loraforge adapter shares (optimizer_hooks.py), so it
 happens exactly once per optimizer step whatever the gradient accumulation. The same hook's pre-step
 part holds the learning rate of groups marked `loraforge_constant_lr` (SaLoRA's gates) under any
-scheduler (driver.py: `pin_constant_lr`), so `create_scheduler` is the trainer's own; the callback
+scheduler (optimizer_hooks.py: `pin_constant_lr`), so `create_scheduler` is the trainer's own; the callback
 also pins right after each scheduler step, so the group shows its true lr between steps too.
 """
 from __future__ import annotations
@@ -16,8 +16,9 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from . import sharding
-from .config import ForgeConfigError, require
-from .driver import Driver, drivers, pin_constant_lr
+from .driver import Driver, drivers
+from .errors import ForgeConfigError, require
+from .optimizer_hooks import pin_constant_lr
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -72,8 +73,8 @@ def refuse_ddp_without_unused_parameters(wrapped: torch.nn.Module, forge_drivers
                 "No parameter has been updated.")
 
 
-class _PlanCallback(TrainerCallback):
-    """In every Trainer's default callbacks (a plain `Trainer` or `SFTTrainer` too): tells the
+class PlanCallback(TrainerCallback):
+    """In every Trainer's default callbacks (installed by integration.py) (a plain `Trainer` or `SFTTrainer` too): tells the
     adapters' controllers the run length, so that their warnings (e.g. Delta-LoRA's start_step past
     the last step) reach users of any trainer. It never takes charge of training (see `Driver.plan`)."""
 
@@ -83,15 +84,25 @@ class _PlanCallback(TrainerCallback):
                 d.plan(state.max_steps)
 
 
-def install_default_callback() -> None:
-    import transformers.trainer
-
-    if _PlanCallback not in transformers.trainer.DEFAULT_CALLBACKS:
-        transformers.trainer.DEFAULT_CALLBACKS.append(_PlanCallback)
-
-
 class LoraForgeTrainerMixin:
-    """Put before a `transformers.Trainer` subclass: `class T(LoraForgeTrainerMixin, SomeTrainer)`."""
+    """Makes any `transformers.Trainer` subclass drive loraforge adapters; put it first in the bases.
+
+    It adds the controllers' loss terms in `compute_loss` (once per optimizer step whatever the
+    gradient accumulation), builds the optimizer with their param groups (e.g. SaLoRA's gate group),
+    tells them the total steps when training begins (refusing a resume whose adapter state does not
+    match the trainer's step), and merges their values into the logs.
+
+    Args:
+        *args, **kwargs: those of the trainer class it is mixed into.
+
+    Example:
+
+        ```py
+        >>> from trl import DPOTrainer
+        >>> class LoraForgeDPOTrainer(loraforge.LoraForgeTrainerMixin, DPOTrainer):
+        ...     pass
+        ```
+    """
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -168,5 +179,18 @@ def _refuse_own_grouping(optimizer_cls, optimizer_kwargs: dict, special: list[di
 
 
 class LoraForgeTrainer(LoraForgeTrainerMixin, Trainer):
-    """`transformers.Trainer` that drives loraforge adapters."""
+    """`transformers.Trainer` that drives loraforge adapters; takes the same arguments.
+
+    Args:
+        *args, **kwargs: those of `transformers.Trainer` (`model` holding a loraforge adapter, `args`, ...).
+
+    Example:
+
+        ```py
+        >>> model = get_peft_model(base, loraforge.SaLoRAConfig(target_density=0.5))
+        >>> trainer = loraforge.LoraForgeTrainer(model=model, args=TrainingArguments("out", max_steps=500),
+        ...                                      train_dataset=ds)
+        >>> trainer.train()
+        ```
+    """
 

@@ -5,7 +5,7 @@ PEFT's LoRA version combines the sources' `lora_A` / `lora_B` (linear family, ca
 loraforge adapter the factors are not the whole update (a SaLoRA gate scales the ranks, a folded
 Delta-LoRA adds `λ·s·(B A - B_K A_K)`), and a new adapter of the source's config would bring fresh
 gates or its own snapshot. Here each source contributes `(B', A')` whose product is its whole update
-on the base weights, in its eval-mode function (`export.stock_factors`, what `export_lora` writes:
+on the base weights, in its eval-mode function (`factors.stock_factors`, what `export_lora` writes:
 the eval gate folded into B', pruned ranks dropped, the snapshot appended, the scaling in B'):
 - `cat`: `B = [B'_1 … B'_n]`, `A = [w_1·A'_1; …; w_n·A'_n]`, exactly `Σ w_i·B'_i A'_i`;
 - `linear`, `ties`, `dare_linear`, `dare_ties`, `magnitude_prune`: PEFT's rule applied to B' and A'
@@ -25,7 +25,6 @@ sources, unequal `weights`, and modules adapted by a PEFT layer loraforge does n
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Optional
 
@@ -34,8 +33,8 @@ from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from peft.utils import merge_utils
 
-from .config import ForgeConfig, ForgeConfigError, require
-from .export import stock_factors
+from .errors import ForgeConfigError, require
+from .factors import stock_factors
 from .layer import ForgeLinear
 
 FACTOR_TYPES = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -147,21 +146,3 @@ def add_weighted(model, adapters: list[str], weights: list[float], adapter_name:
         tb, ta = layer.lora_B[adapter_name].weight, layer.lora_A[adapter_name].weight
         tb[:, : b.shape[1]] = b.to(tb.dtype)
         ta[: a.shape[0]] = a.to(ta.dtype)
-
-
-def install_weighted_adapters() -> None:
-    """Route `LoraModel.add_weighted_adapter` to `add_weighted` when a source is a loraforge adapter."""
-    from peft.tuners.lora import LoraModel
-
-    original = LoraModel.add_weighted_adapter
-    if getattr(original, "_loraforge", False):
-        return
-
-    @functools.wraps(original)
-    def add_weighted_adapter(self, adapters, weights, adapter_name, combination_type="svd", **kwargs):
-        if any(isinstance(self.peft_config.get(name), ForgeConfig) for name in adapters):
-            return add_weighted(self, adapters, weights, adapter_name, combination_type, **kwargs)
-        return original(self, adapters, weights, adapter_name, combination_type, **kwargs)
-
-    add_weighted_adapter._loraforge = True
-    LoraModel.add_weighted_adapter = add_weighted_adapter

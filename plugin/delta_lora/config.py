@@ -1,4 +1,4 @@
-"""Delta-LoRA: the frozen weight moves by the delta of the low-rank product. See METHODS.md.
+"""Delta-LoRA: the frozen weight moves by the delta of the low-rank product. See docs/methods.md, "Delta-LoRA".
 
 After optimizer step t > K: `W ← W + λ·s·(B_{t+1} A_{t+1} - B_t A_t)`, which telescopes to
 `W_T = W_0 + λ·s·(B_T A_T - B_K A_K)`; `(B_K, A_K)` are the factors right after optimizer step K
@@ -23,12 +23,35 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..core.config import ForgeConfig, require
+from .in_place import InPlacePropagation
+from .layer import FoldedPropagation
+from .model import DeltaLoRAController
 
 PROPAGATIONS = ("folded", "in_place")
 
 
 @dataclass
 class DeltaLoRAConfig(ForgeConfig):
+    """Delta-LoRA: after each optimizer step t > K the base weight moves by λ times the change of s·B·A.
+
+    Completes under any trainer (its work follows each optimizer step), including a plain
+    `SFTTrainer(..., peft_config=DeltaLoRAConfig(...))`. Every `peft.LoraConfig` field keeps PEFT's
+    meaning; `lora_dropout` must be 0.
+
+    Args:
+        update_ratio (`float`, defaults to 0.5): λ (paper: 0.5 GLUE, 2 E2E); 0 is plain LoRA.
+        start_step (`int`, defaults to 500): K, the optimizer steps before W starts to move.
+        propagation (`str`, defaults to `"folded"`): "folded" never writes W (a rank-2r branch);
+            "in_place" writes W after every step (the paper's algorithm; full-precision bases only).
+
+    Example:
+
+        ```py
+        >>> config = loraforge.DeltaLoRAConfig(r=8, update_ratio=2.0, start_step=100, lora_dropout=0.0)
+        >>> model = get_peft_model(AutoModelForCausalLM.from_pretrained("base"), config)
+        ```
+    """
+
     method = "delta_lora"
 
     update_ratio: float = field(
@@ -74,11 +97,7 @@ class DeltaLoRAConfig(ForgeConfig):
         require(not self.use_dora, "use_dora", "Delta-LoRA cannot be combined with DoRA; set use_dora=False")
 
     def axes(self) -> list[type]:
-        from .layer import DeltaPropagation
-
-        return [DeltaPropagation]
+        return [InPlacePropagation if self.propagation == "in_place" else FoldedPropagation]
 
     def controllers(self) -> list[type]:
-        from .model import DeltaLoRAController
-
         return [DeltaLoRAController]

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from ..core.driver import Controller
+from ..core.controller import Controller
 from .layer import DeltaPropagation
 
 
@@ -64,9 +64,9 @@ class DeltaLoRAController(Controller):
                 "factors get no gradient and W would take the update twice. Call model.unmerge_adapter() before "
                 "training and merge only at the end.")
         self._catch_up(step)  # the snapshot at K; refuses a state past K without one
-        if step > self.start_step and self.config.propagation == "in_place":
+        if step > self.start_step:
             for ax in self.axes:
-                ax.propagate()
+                ax.after_step()  # in place: W += λ·s·(P_{t+1} - P_t); folded: nothing
 
     @torch.no_grad()
     def log_values(self) -> dict[str, float]:

@@ -1,7 +1,7 @@
-"""SaLoRA (structure-aware LoRA): Hard-Concrete rank gates under an L0 budget. See METHODS.md.
+"""SaLoRA (structure-aware LoRA): Hard-Concrete rank gates under an L0 budget. See docs/methods.md, "SaLoRA".
 
 Decisions the paper leaves open (measured in benchmarks/bench_salora.py and
-experiments/salora_planted.py, see the module docstrings of `model.py` and `layer.py`):
+experiments/salora_planted.py, see the module docstrings of `budget.py`, `prune.py` and `layer.py`):
 - The window is counted in optimizer steps: step t (1-based) is inside it when
   `T_start < t <= T_end`, i.e. after the first `T_start` steps and up to step `T_end`; fractions are
   of the trainer's `max_steps` and are resolved once, when training begins, then saved with the
@@ -11,16 +11,16 @@ experiments/salora_planted.py, see the module docstrings of `model.py` and `laye
 - `budget_control` decides how C is driven to b inside the window. "schedule" (default): a target
   falling cubically from C at init to b by 3/4 of the window, then held, on which C is put after
   every optimizer step by a multiplier solved for that step, with the gates' step scaled to the
-  window's length and the gates sharpened over the hold (model.py's docstring). "paper": Eq. 12,
+  window's length and the gates sharpened over the hold (budget.py's docstring). "paper": Eq. 12,
   λ(C - b)² with λ <- max(0, λ + η_c·(C - b)²). Measured in experiments/salora_budget.py (planted
   ranks, 3 seeds, runs of 200 / 1,000 / 5,000 steps, the paper's other defaults): "schedule" ends the
   window at |C - b| < 1e-3 and |realised - b| <= 0.01 at every length; "paper" at C - b = +0.47 /
-  +0.29 at 200 / 1,000 steps, i.e. never reaches b (as METHODS.md measured at LLaMA run lengths).
+  +0.29 at 200 / 1,000 steps, i.e. never reaches b (docs/methods.md, "SaLoRA: budget control").
 - `prune_budget` decides which ranks survive when the gates freeze at the end of the window (the
   rest of training then adapts to exactly those ranks, and eval, merge and export use them):
   "gate" keeps the ranks whose deterministic gate ĝ is > 0 (the paper's rule), "exact" keeps the
   globally best-scoring ranks until the kept parameter count reaches `target_density` (see
-  `model.select_gates`). Default "exact": the expected density C that the budget term drives to b
+  `prune.select_gates`). Default "exact": the expected density C that the budget term drives to b
   says little about how many ĝ are > 0 (at τ = 1, ĝ > 0 exactly when P(g > 0) > 1/2), so "gate" exports a
   density the user did not ask for: 0.31-0.43 at b = 0.5 on the tiny Alpaca runs of the tests,
   0.090 from b on average in experiments/salora_planted.py, where "exact" lands within 0.003 of b
@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from ..core.config import ForgeConfig, require
-
-#: All linears of attention and MLP in Llama-style models; the ones a model lacks are skipped.
-DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from .layer import HardConcreteGate
+from .model import SaLoRAController
+from .report import DEFAULT_TARGET_MODULES
 ORTH_REDUCTIONS = ("mean", "sum")
 LAGRANGIANS = ("quadratic", "linear_quadratic")
 PRUNE_BUDGETS = ("exact", "gate")
@@ -50,7 +50,25 @@ class SaLoRAConfig(ForgeConfig):
     """Structure-aware LoRA: per-rank Hard-Concrete gates trained towards a global parameter budget.
 
     Defaults are the paper's (Appendix B): r=8, lora_alpha=16, target_density=0.5, gate_lr=0.01,
-    orth_reg_weight=0.1, temperature=1.0, gamma=-0.1, zeta=1.1, window 0.2-0.5 of the steps.
+    orth_reg_weight=0.1, temperature=1.0, gamma=-0.1, zeta=1.1, window 0.2-0.5 of the steps. Every
+    `peft.LoraConfig` field keeps PEFT's meaning. Needs a loraforge trainer (its loss terms and gate lr):
+    `LoraForgeTrainer`, `LoraForgeSFTTrainer`, or a hand loop driven by `loraforge.driver(model)`.
+
+    Args:
+        target_density (`float`): b, the share of the adapter's parameters to keep, in (0, 1].
+        gate_lr (`float`): η_c, the gates' constant learning rate and λ's step size.
+        orth_reg_weight (`float`), orth_reg_reduction (`str`): β and "mean" / "sum" of the orthogonal term.
+        temperature, gamma, zeta (`float`): τ, γ, ζ of the Hard-Concrete distribution.
+        window_start, window_end (`int` or `float`): the gate window, in steps or shares of max_steps.
+        budget_control (`str`): "schedule" (default) or "paper" (Eq. 12); lagrangian: its form for "paper".
+        prune_budget (`str`): "exact" (default) or "gate": which ranks survive when the gates freeze.
+
+    Example:
+
+        ```py
+        >>> config = loraforge.SaLoRAConfig(r=8, target_density=0.5, task_type="CAUSAL_LM")
+        >>> model = get_peft_model(AutoModelForCausalLM.from_pretrained("base"), config)
+        ```
     """
 
     method = "salora"
@@ -162,11 +180,7 @@ class SaLoRAConfig(ForgeConfig):
         return start, end
 
     def axes(self) -> list[type]:
-        from .layer import HardConcreteGate
-
         return [HardConcreteGate]
 
     def controllers(self) -> list[type]:
-        from .model import SaLoRAController
-
         return [SaLoRAController]

@@ -10,7 +10,7 @@ The gate `g` by phase (the controller in `model.py` tells the axis which phase i
   deterministic gate there, 0.5 at log_alpha = 0, would evaluate a half-strength adapter), then the
   deterministic gate `ĝ = clamp(sigmoid(log_alpha)·(ζ-γ) + γ, 0, 1)`, then the frozen gate.
 
-The frozen gate is what `model.select_gates` chose when the window ended (or when `prune` was
+The frozen gate is what `prune.select_gates` chose when the window ended (or when `prune` was
 called): `ĝ` for `prune_budget="gate"`, the exact-budget selection for "exact". Merge and export use
 the eval-mode gate, so the merged model and the exported stock adapter compute what the gated
 model computes in eval mode.
@@ -29,10 +29,9 @@ import math
 from typing import Optional
 
 import torch
-from peft.tuners.tuners_utils import BufferDict
 
 from ..core import sharding
-from ..core.layer import Axis
+from ..core.layer import STATE, TRAINABLE, Axis
 
 FROZEN_CODES = {0: None, 1: "gate", 2: "exact"}
 BUDGET_CODES = {v: k for k, v in FROZEN_CODES.items()}
@@ -180,19 +179,14 @@ def expected_gate(log_alpha: torch.Tensor, temperature: float, gamma: float, zet
     return p.mean(-1).to(log_alpha.dtype)
 
 
-def _ensure(layer, name: str, factory):
-    if not hasattr(layer, name):
-        setattr(layer, name, factory())
-    return getattr(layer, name)
-
-
 class HardConcreteGate(Axis):
     """The rank gate of one (layer, adapter)."""
 
+    tensors = {"lora_gate_logits": TRAINABLE, "lora_gate_frozen": STATE, "lora_salora_window": STATE,
+               "lora_salora_lambda": STATE}
+
     def __init__(self, layer, adapter: str, config) -> None:
         super().__init__(layer, adapter, config)
-        for name in ("lora_gate_frozen", "lora_salora_window", "lora_salora_lambda"):
-            _ensure(layer, name, lambda: BufferDict({}, persistent=True))
         # Training-mode phase: "ones", "sample", "frozen" or "deterministic" (set by the controller).
         self.phase = "ones"
         self.sampler: Optional[GateSampler] = None  # set by the controller: samples all layers together
@@ -231,10 +225,6 @@ class HardConcreteGate(Axis):
         """After a load: derive the phase from the persisted window, freeze flag and step."""
         start, end, frozen = self.window_state()
         self.phase = phase_at(self.layer.step_count(self.adapter), start, end, frozen)
-        driver = self.layer.forge_drivers.get(self.adapter)
-        for controller in getattr(driver, "controllers", []):
-            if getattr(controller, "salora", False):
-                controller.sync()  # its cached window, λ and step came from the state before the load
 
     # the gate --------------------------------------------------------------------------------
     def deterministic(self) -> torch.Tensor:

@@ -1,8 +1,7 @@
 """Heat map of the per-module ranks, layers × module types (the SaLoRA paper's Figure 7)."""
 from __future__ import annotations
 
-from .config import DEFAULT_TARGET_MODULES
-from .report import layer_and_type
+from .report import DEFAULT_TARGET_MODULES, layer_and_type
 
 
 def heatmap_title(densities: dict | None) -> str:

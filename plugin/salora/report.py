@@ -18,6 +18,10 @@ import torch
 
 from .layer import deterministic_gate, prob_nonzero
 
+#: All linears of attention and MLP in Llama-style models, in the order tables and heat maps list them
+#: (SaLoRA's default `target_modules`; the ones a model lacks are skipped).
+DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
 
 @dataclass
 class ModuleGates:
