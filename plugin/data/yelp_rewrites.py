@@ -28,13 +28,12 @@ def yelp_rewrite_records(split: str = "train") -> list[dict]:
         The records, neg→pos and pos→neg alternating.
     """
     from ..eval.prompts import TASKS
-    from . import yelp_dir
 
     if split not in ("train", "heldout"):
         raise ValueError(f"split: {split!r} is not 'train' or 'heldout'")
     per_file = []
     for name, task in (("reference.0", "yelp-neg2pos"), ("reference.1", "yelp-pos2neg")):
-        lines = Path(yelp_dir(), name).read_text(encoding="utf-8").splitlines()
+        lines = Path(__file__).with_name("yelp").joinpath(name).read_text(encoding="utf-8").splitlines()
         lines = lines[HELDOUT:] if split == "train" else lines[:LOSS_LINES]
         pairs = [line.split("\t", 1) for line in lines]
         per_file.append([{"instruction": TASKS[task].instruction, "input": src.strip(), "output": out.strip()}
