@@ -39,7 +39,9 @@ def _cora(basis, **kw):
 
 
 def _lora_params(model, which):
-    return {n: p for n, p in model.named_parameters() if f"lora_{which}." in n}
+    found = {n: p for n, p in model.named_parameters() if f"lora_{which}." in n}
+    assert found, f"the model holds no lora_{which}"  # a check over them must not pass on nothing
+    return found
 
 
 def _args(tmp_path, **kw):
@@ -92,7 +94,7 @@ def test_fb_trains_exactly_a_and_the_optimizer_never_holds_b(tmp_path, basis, lm
 def test_tb_trains_b_from_the_basis(tmp_path, basis, lm_dataset):
     model = _cora(basis, freeze_b=False)
     b_params = _lora_params(model, "B")
-    assert all(p.requires_grad for p in model.parameters() if p in set(b_params.values()))
+    assert all(p.requires_grad for p in b_params.values())
     b_before = {n: p.detach().clone() for n, p in b_params.items()}
     loraforge.LoraForgeTrainer(model=model, args=_args(tmp_path), train_dataset=lm_dataset).train()
     assert all(not torch.equal(p, b_before[n]) for n, p in b_params.items())
@@ -111,6 +113,12 @@ def _train_by_hand(model, lm_dataset, steps=3):
 
 def _frozen_state(model):
     return {n: p.requires_grad for n, p in model.named_parameters() if "lora_" in n}
+
+
+def _only(state: dict, part: str) -> dict:
+    found = {n: v for n, v in state.items() if part in n}
+    assert found, f"nothing named {part!r}"  # a check over them must not pass on nothing
+    return found
 
 
 def test_save_load_needs_no_basis_and_keeps_b_frozen(tmp_path, basis, lm_dataset):
@@ -133,15 +141,15 @@ def test_save_load_needs_no_basis_and_keeps_b_frozen(tmp_path, basis, lm_dataset
     assert _frozen_state(loaded) == expected
     # A second adapter loaded trainable, then switched to and back: every B stays frozen.
     loaded.load_adapter(str(tmp_path / "adapter"), adapter_name="other", is_trainable=True)
-    assert all(not v for n, v in _frozen_state(loaded).items() if ".lora_B." in n)  # PEFT's set_requires_grad path
+    assert not any(_only(_frozen_state(loaded), ".lora_B.").values())  # PEFT's set_requires_grad path
     for name in ("other", "default"):
         loaded.set_adapter(name)
         state = _frozen_state(loaded)
-        assert all(not v for n, v in state.items() if ".lora_B." in n)
-        assert all(v == (f".{name}." in n) for n, v in state.items() if ".lora_A." in n)
+        assert not any(_only(state, ".lora_B.").values())
+        assert all(v == (f".{name}." in n) for n, v in _only(state, ".lora_A.").items())
 
     plain = PeftModel.from_pretrained(testing.tiny_llama(seed=0), str(tmp_path / "adapter"))
-    assert not any(_frozen_state(plain).values())  # inference: nothing trains
+    assert not any(_only(_frozen_state(plain), ".lora_").values())  # inference: nothing trains
     torch.testing.assert_close(plain(x).logits, trained, rtol=0, atol=0)
 
 
@@ -162,7 +170,7 @@ def test_resume_keeps_b_frozen_and_continues_the_run(tmp_path, basis, lm_dataset
     for n, p in _lora_params(resumed, "B").items():
         module = n.removeprefix("base_model.model.").removesuffix(".lora_B.default.weight")
         torch.testing.assert_close(p, bases[module][:, :4], rtol=0, atol=0)
-    for (n, p), q in zip(_lora_params(resumed, "A").items(), _lora_params(straight, "A").values()):
+    for (n, p), q in zip(_lora_params(resumed, "A").items(), _lora_params(straight, "A").values(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
     assert loraforge.driver(resumed).step == 4
 

@@ -19,7 +19,7 @@ from loraforge import testing  # noqa: E402
 from loraforge.integrations.axolotl.args import check_config, method_config  # noqa: E402
 from loraforge.train import adapter_config, load_config  # noqa: E402
 
-CONFIGS = Path(__file__).resolve().parents[1] / "example_configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "example_configs"
 AXOLOTL = sorted((CONFIGS / "axolotl").glob("**/*.yaml"))
 TRAIN = sorted((CONFIGS / "train").glob("**/*.yaml"))
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]

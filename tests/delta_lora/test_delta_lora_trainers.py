@@ -1,11 +1,14 @@
-"""Delta-LoRA under the trainers: kill-and-resume, plain TRL SFTTrainer, LoraForgeSFTTrainer."""
+"""Delta-LoRA under the trainers: kill-and-resume, plain TRL SFTTrainer, LoraForgeSFTTrainer, and the warning
+of a run too short to reach start_step under every loop."""
 from __future__ import annotations
+
+import warnings
 
 import pytest
 import torch
 from datasets import Dataset
 from peft import get_peft_model
-from transformers import TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 import loraforge
 from loraforge import DeltaLoRAConfig, testing
@@ -15,7 +18,9 @@ from loraforge.core.layer import ForgeLinear
 
 
 def _layers(model):
-    return [m for m in model.modules() if isinstance(m, ForgeLinear)]
+    found = [m for m in model.modules() if isinstance(m, ForgeLinear)]
+    assert found, "the model holds no loraforge layer"  # a check over them must not pass on nothing
+    return found
 
 
 def _state(model):
@@ -103,3 +108,20 @@ def test_sft_trainers_drive_delta_lora_with_no_extra_code(tmp_path, tiny_tokeniz
             assert D.abs().max() > 1e-5
         else:
             torch.testing.assert_close(w, w0[name], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("loop", ["hand", "Trainer", "LoraForgeTrainer"])
+def test_a_run_that_never_reaches_start_step_warns_once_under_any_loop(tmp_path, lm_dataset, loop):
+    model = get_peft_model(testing.tiny_llama(0), DeltaLoRAConfig(r=4, target_modules=["q_proj"], start_step=10))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if loop == "hand":
+            loraforge.driver(model).begin(max_steps=3)
+        else:
+            args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2, report_to=[],
+                                     use_cpu=True, save_strategy="no", disable_tqdm=True)
+            trainer_cls = Trainer if loop == "Trainer" else loraforge.LoraForgeTrainer
+            trainer_cls(model=model, args=args, train_dataset=lm_dataset.select(range(6))).train()
+            assert loraforge.driver(model).step == 3
+    ours = [w for w in caught if "start_step=10 >= max_steps=3" in str(w.message)]
+    assert len(ours) == 1, [str(w.message) for w in caught]

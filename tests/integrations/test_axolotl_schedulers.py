@@ -28,7 +28,7 @@ import torch  # noqa: E402
 import loraforge  # noqa: E402
 from loraforge import testing  # noqa: E402
 
-TINY = Path(__file__).resolve().parents[1] / "example_configs" / "axolotl" / "tiny"
+TINY = Path(__file__).resolve().parents[2] / "example_configs" / "axolotl" / "tiny"
 STEPS, GATE_LR = 10, 0.5
 
 #: YAML keys -> the scheduler class Axolotl 0.21 builds from them (core/trainers/mixins/scheduler.py).

@@ -1,10 +1,10 @@
 """Train loraforge adapters with `LoraForgeTrainer`, on one process or as one rank of a DDP run.
 
-tests/test_multiprocess.py runs it twice at once:
-    accelerate launch --multi_gpu --num_processes 2 tests/ddp_worker.py OUT CASE... sharded
+tests/scale/test_ddp_multiprocess.py runs it twice at once:
+    accelerate launch --multi_gpu --num_processes 2 tests/scale/ddp_worker.py OUT CASE... sharded
 (accelerate's torchrun launcher; `use_cpu=True, ddp_backend="gloo"` make it DDP on CPU; each rank
 takes `per_device_train_batch_size = GLOBAL_BATCH // 2`) and as a plain process
-    python tests/ddp_worker.py OUT CASE...
+    python tests/scale/ddp_worker.py OUT CASE...
 (one process, the whole global batch). Each run writes `OUT/<case>.rank<r>.pt` (or `.single.pt`):
 the adapter's persisted state (factors, gates, λ, window, snapshots, step counters), the base
 weights of the adapted layers, the driver's logged values and the examples every optimizer step
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # probe.py
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # probe.py (tests/)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -140,7 +140,7 @@ def run_case(name: str, out_dir: str, per_device_batch: int, tag: str) -> None:
 
 def run_sharded(out_dir: str, tag: str) -> None:
     """Shard the tiny model with FSDP2 (`fully_shard`) or FSDP1 (flat parameters) over gloo and record
-    what each method does: every method trains (tests/test_fsdp.py checks the results)."""
+    what each method does: every method trains (tests/scale/test_fsdp_sharded_training.py checks the results)."""
     import json
 
     import torch.distributed as dist

@@ -1,9 +1,9 @@
 """Train SaLoRA and Delta-LoRA sharded by FSDP2 / FSDP1 on 2 gloo ranks, or as one process.
 
-tests/test_fsdp.py runs
-    python -m torch.distributed.run --nproc_per_node 2 tests/fsdp_worker.py OUT sharded
+tests/scale/test_fsdp_sharded_training.py runs
+    python -m torch.distributed.run --nproc_per_node 2 tests/scale/fsdp_worker.py OUT sharded
 (every case under every engine, then the resume runs) and, at the same time, one plain process
-    python tests/fsdp_worker.py OUT single
+    python tests/scale/fsdp_worker.py OUT single
 that trains the same cases unsharded on the whole global batch. HF Trainer cannot shard on a CPU
 (accelerate enables FSDP only for accelerator devices), so the loop is written out here the way
 `LoraForgeTrainer` drives it: `driver.begin(max_steps)`, the loss plus `regularization_loss()`,

@@ -94,13 +94,19 @@ TOY = [
 ]
 
 
-def _context_mass(model, vocab, context):
+def _state_after(model, context):
+    """The LM state after the sentence start and the words of `context`."""
     state = kenlm.State()
     model.BeginSentenceWrite(state)
     for word in context:
         out = kenlm.State()
         model.BaseScore(state, word, out)
         state = out
+    return state
+
+
+def _context_mass(model, vocab, context):
+    state = _state_after(model, context)
     return sum(10 ** model.BaseScore(state, w, kenlm.State()) for w in vocab)
 
 
@@ -135,13 +141,7 @@ def test_kneser_ney_uses_continuation_counts(tmp_path):
 
 
 def _score_after(model, context, word):
-    state = kenlm.State()
-    model.BeginSentenceWrite(state)
-    for w in context:
-        out = kenlm.State()
-        model.BaseScore(state, w, out)
-        state = out
-    return model.BaseScore(state, word, kenlm.State())
+    return model.BaseScore(_state_after(model, context), word, kenlm.State())
 
 
 def test_yelp_lm_sums_to_one_and_prefers_fluent_text(tmp_path):

@@ -114,8 +114,10 @@ def test_the_schedule_holds_c_on_its_target_at_every_window_step_and_lambda_sett
     seen = []
     train(model, teacher, steps, 0, lambda step, d: seen.append((step, densities_by_hand(model)[0], d.controllers[0].lam)),
           stop=100)
+    before = [(c, lam) for t, c, lam in seen if t <= 40]
     inside = [(t, c, lam) for t, c, lam in seen if 40 < t <= 100]
-    assert all(c == pytest.approx(11 / 12, abs=1e-6) and lam == 0 for t, c, lam in seen if t <= 40)
+    assert (len(before), len(inside)) == (40, 60)  # every step of the first 100
+    assert all(c == pytest.approx(11 / 12, abs=1e-6) and lam == 0 for c, lam in before)
     for t, c, _ in inside:
         assert c == pytest.approx(schedule_by_hand(t, 40, 100, b), abs=2e-4), f"step {t}"
     lams = [lam for _, _, lam in inside]

@@ -169,7 +169,7 @@ def test_every_logging_step_reports_the_budget(run):
     assert len(logged) == 24
     keys = {"salora/expected_density", "salora/realized_density", "salora/export_density", "salora/lambda",
             "salora/orth_loss", "salora/live_ranks"}
-    for h, post in zip(logged, run["rec"].post):
+    for h, post in zip(logged, run["rec"].post, strict=True):
         assert keys <= set(h)
         assert h["salora/lambda"] == pytest.approx(post["lam"][0], abs=1e-6)
     assert logged[0]["salora/expected_density"] == pytest.approx(11 / 12, abs=1e-4)

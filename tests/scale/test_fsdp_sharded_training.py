@@ -1,7 +1,7 @@
 """SaLoRA and Delta-LoRA sharded by FSDP2 (`fully_shard`) and FSDP1 (FULL_SHARD; SHARD_GRAD_OP for
 SaLoRA and in-place Delta-LoRA) on 2 gloo ranks.
 
-One `torch.distributed.run --nproc_per_node 2` runs every case (tests/fsdp_worker.py), one plain
+One `torch.distributed.run --nproc_per_node 2` runs every case (tests/scale/fsdp_worker.py), one plain
 process trains the same cases unsharded on the whole global batch of 8, both at once. What must
 hold after 8 AdamW steps (SaLoRA's window 2..6 inside the run; Delta-LoRA's K = 2):
 - both ranks hold bit-identical whole adapter state (factors, gate logits, frozen gates, λ, window,
@@ -30,6 +30,15 @@ CASES = ["salora", "delta_in_place", "delta_folded"]
 # magnitude, so that float32 noise moves an entry with a small gradient by a small share of a step (lr 1e-2):
 # 1.7e-5 seen on one CPU after 8 steps (0.2% of one step). A wrong update would be off by a whole step.
 TOL = 5e-5
+ADAPTED = 6  # the workers' TARGETS (q_proj, v_proj, up_proj) in each of the tiny Llama's 2 layers
+
+
+def _pick(state: dict, part: str) -> list:
+    """The entries of `state` whose name holds `part`: one per adapted module, or the test fails (a check
+    over them must not pass because nothing matched)."""
+    found = [v for k, v in state.items() if part in k]
+    assert len(found) == ADAPTED, f"{part}: {len(found)} entries, expected one per adapted module ({ADAPTED})"
+    return found
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +72,7 @@ def test_sharded_training_equals_one_process(runs, engine, case):
     r0 = _check(runs, f"{engine}-{case}", case)
     # The comparison means something only if the method's own state moved during the run.
     state, logs = r0["state"], r0["logs"]
-    pick = lambda part: [v for k, v in state.items() if part in k]  # noqa: E731
+    pick = lambda part: _pick(state, part)  # noqa: E731
     if case == "salora":
         assert all(float(v[0]) > 0 for v in pick(".lora_salora_lambda.")), "λ never ascended"
         assert all(v.tolist()[:2] == [2, 6] and v.tolist()[2] != 0 for v in pick(".lora_salora_window.")), "no freeze"

@@ -1,6 +1,6 @@
 """Every method under DDP: 2 CPU processes (gloo) launched by `accelerate launch`, against one process.
 
-One `accelerate launch --multi_gpu --num_processes 2` runs all cases (tests/ddp_worker.py; on a
+One `accelerate launch --multi_gpu --num_processes 2` runs all cases (tests/scale/ddp_worker.py; on a
 CPU-only machine `--multi_gpu` only selects accelerate's torchrun launcher, and the worker's
 `TrainingArguments(use_cpu=True, ddp_backend="gloo")` make it DDP over gloo; `--cpu` would start one
 process, as accelerate leaves multi-process CPU runs to MPI), one plain process runs the same cases
@@ -35,6 +35,7 @@ HERE = Path(__file__).resolve().parent
 WORKER = HERE / "ddp_worker.py"
 CASES = ["probe", "salora", "delta_in_place", "delta_folded", "cora_fb"]
 ATOL, RTOL = 1e-5, 1e-4
+ADAPTED = 6  # the worker's TARGETS (q_proj, v_proj, up_proj) in each of the tiny Llama's 2 layers
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +53,14 @@ def _initial_base():
     from loraforge import testing
 
     return {n: p.detach().clone() for n, p in testing.tiny_llama(seed=0).named_parameters()}
+
+
+def _pick(state: dict, part: str) -> dict:
+    """The entries of `state` whose name holds `part`: one per adapted module, or the test fails (a check
+    over them must not pass because nothing matched)."""
+    found = {k: v for k, v in state.items() if part in k}
+    assert len(found) == ADAPTED, f"{part}: {len(found)} entries, expected one per adapted module ({ADAPTED})"
+    return found
 
 
 def _base_key(state_key: str) -> str:
@@ -79,11 +88,11 @@ def test_ranks_agree_and_match_one_process(runs, case):
 
     # The comparison means something only if the method's own state moved during the run.
     state = r0["state"]
-    pick = lambda part: {k: v for k, v in state.items() if part in k}  # noqa: E731
+    pick = lambda part: _pick(state, part)  # noqa: E731
     base0 = _initial_base()
     if case == "salora":
         lam = pick(".lora_salora_lambda.")
-        assert lam and all(float(v[0]) > 0 for v in lam.values()), "λ never ascended"
+        assert all(float(v[0]) > 0 for v in lam.values()), "λ never ascended"
         assert all(v.abs().max() > 0 for v in pick(".lora_gate_logits.").values()), "gates never trained"
         windows = pick(".lora_salora_window.").values()
         assert all(v.tolist()[:2] == [2, 6] and v.tolist()[2] != 0 for v in windows), "gates did not freeze at step 6"
@@ -91,7 +100,7 @@ def test_ranks_agree_and_match_one_process(runs, case):
     if case.startswith("delta"):
         assert all(int(v[1]) == 2 for v in pick(".lora_delta_steps.").values()), "snapshot not taken at K=2"
         moved = [not torch.equal(v, base0[_base_key(k)]) for k, v in pick(".base_layer.weight").items()]
-        assert moved and all(moved) == (case == "delta_in_place")  # in place writes W; folded never does
+        assert set(moved) == {case == "delta_in_place"}  # in place writes every W; folded none
     if case == "cora_fb":
         basis = load_file(str(runs / "basis.rank0.safetensors"))
         for key, b in pick(".lora_B.default.weight").items():
@@ -102,8 +111,8 @@ def test_ranks_agree_and_match_one_process(runs, case):
 
 def test_sharded_weights_train(runs):
     """FSDP2 (`fully_shard`) and FSDP1 (flat parameters, use_orig_params) on 2 gloo ranks: every method
-    trains in a hand loop, on every rank, including a driver made before sharding (tests/test_fsdp.py
-    checks the results against one process)."""
+    trains in a hand loop, on every rank, including a driver made before sharding
+    (tests/scale/test_fsdp_sharded_training.py checks the results against one process)."""
     for tag in ("rank0", "rank1"):
         error = runs / f"sharded.{tag}.error"
         assert not error.exists(), error.read_text()
@@ -155,7 +164,7 @@ def test_post_step_work_runs_when_the_optimizer_steps_master_copies(tmp_path):
                              report_to=[], use_cpu=True, disable_tqdm=True)
     loraforge.LoraForgeTrainer(model=model, args=args, train_dataset=random_tokens(16), optimizers=(opt, None)).train()
     d = loraforge.driver(model)
-    assert d.step == 4
+    assert d.step == 4 and len(d.layers) == 2  # q_proj in each of the tiny Llama's 2 layers
     for layer in d.layers:
         b, a = layer.lora_B["default"].weight.double(), layer.lora_A["default"].weight.double()
         bk, ak = layer.lora_delta_BK["default"].double(), layer.lora_delta_AK["default"].double()

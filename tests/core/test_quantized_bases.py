@@ -200,6 +200,7 @@ def test_trains_through_trl_with_kbit_preparation_and_gradient_checkpointing(tmp
     trainer = cls(model=base, args=sft, train_dataset=text, processing_class=testing.tiny_tokenizer(),
                   peft_config=method_config(method, basis))
     model = trainer.model
+    assert len(layers(model)) == 4  # q_proj and v_proj in each of the 2 layers
     if method == "salora":  # TRL's QLoRA cast left A and B in bf16; the gate logits stay fp32
         assert all(l.lora_A["default"].weight.dtype == torch.bfloat16 for l in layers(model))
         assert all(l.lora_gate_logits["default"].dtype == torch.float32 for l in layers(model))
@@ -220,7 +221,7 @@ def test_save_then_load_onto_a_freshly_quantised_base_gives_the_same_outputs(tra
     run = trained[(method, quant)]
     expected = logits(run["model"])
     loaded = loraforge.load_adapter(load_base(tiny_model_dir, quant), str(run["dir"] / "adapter"))
-    assert all(type(l) is LAYER[quant] for l in layers(loaded))
+    assert [type(l) for l in layers(loaded)] == [LAYER[quant]] * 4  # q_proj and v_proj in each of the 2 layers
     torch.testing.assert_close(logits(loaded), expected, rtol=0, atol=1e-5)
     # and the outputs are not the base model's: the adapter is live after the load
     assert (logits(load_base(tiny_model_dir, quant)) - expected).abs().max() > 1e-3

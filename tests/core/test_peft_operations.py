@@ -22,9 +22,7 @@ import loraforge
 from loraforge import testing
 from loraforge.core.config import ForgeConfigError
 from loraforge.core.layer import ForgeLinear
-
-TARGETS = ["q_proj", "v_proj", "up_proj"]
-X = torch.randint(3, 500, (2, 10), generator=torch.Generator().manual_seed(5))
+from tiny_adapters import TARGETS, X, close, forge_layers, logits, train
 
 
 def _basis(path) -> str:
@@ -59,25 +57,6 @@ def basis(tmp_path_factory):
     return _basis(tmp_path_factory.mktemp("basis") / "basis.safetensors")
 
 
-def train(model, steps: int, max_steps: int, seed: int = 0) -> None:
-    """A hand loop driven as the README says: begin, the driver's loss term and param groups."""
-    d = loraforge.driver(model).begin(max_steps)
-    special = d.param_groups(1e-2, 0.0)
-    taken = {id(p) for g in special for p in g["params"]}
-    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in taken]
-    opt = torch.optim.AdamW([{"params": rest}, *special], lr=3e-2, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(steps):
-        ids = torch.randint(3, 500, (4, 12), generator=gen)
-        loss = model(input_ids=ids, labels=ids).loss
-        reg = d.regularization_loss()
-        (loss if reg is None else loss + reg).backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval()
-
-
 _TRAINED: dict = {}
 
 
@@ -103,11 +82,6 @@ def trained(case: str, basis: str, second: bool = False):
     return copy.deepcopy(_TRAINED[key])
 
 
-@torch.no_grad()
-def logits(model) -> torch.Tensor:
-    return model(input_ids=X).logits
-
-
 def base_logits() -> torch.Tensor:
     return logits(testing.tiny_llama(0).eval())
 
@@ -128,14 +102,6 @@ def moved_base_logits(model, adapter: str = "default") -> torch.Tensor:
 
 def moved(case: str) -> bool:
     return case == "delta_in_place"
-
-
-def close(actual, expected, atol=1e-5):
-    torch.testing.assert_close(actual, expected, atol=atol, rtol=1e-5)
-
-
-def forge_layers(model):
-    return [m for m in model.modules() if isinstance(m, ForgeLinear)]
 
 
 # save / load ------------------------------------------------------------------------------------
@@ -253,10 +219,10 @@ def test_weighted_combinations_of_trained_adapters_are_exact(basis, case, combin
     else:
         adapters, weights = ["default", "second"], [0.7, -0.4]
     model.add_weighted_adapter(adapters, weights, "mix", combination_type=combination_type, svd_rank=16)
+    layers = [layer for layer in forge_layers(model) if layer.in_features == 64]  # the width of x
+    assert len(layers) == 6  # every target reads the hidden size: 3 in each of 2 layers
     with torch.no_grad():
-        for layer in forge_layers(model):
-            if layer.in_features != 64:
-                continue
+        for layer in layers:
             expected = sum(w * _layer_delta(layer, a, x) for a, w in zip(adapters, weights))
             close(_layer_delta(layer, "mix", x), expected, atol=2e-5)
 
@@ -317,9 +283,10 @@ def test_half_precision_forward_and_control_state(basis, case, dtype):
     expected = logits(model)
     control = {n: (t.dtype, t.clone()) for n, t in [*model.named_parameters(), *model.named_buffers()]
                if any(f".{c}." in n for c in CONTROL)}
+    assert bool(control) == (not case.startswith("cora"))  # CoRA alone keeps no control state
     model.to(dtype)
     assert model.base_model.model.lm_head.weight.dtype == dtype
-    assert all(l.lora_A["default"].weight.dtype == dtype for l in forge_layers(model))
+    assert [l.lora_A["default"].weight.dtype for l in forge_layers(model)] == [dtype] * 6  # 3 targets, 2 layers
     now = dict([*model.named_parameters(), *model.named_buffers()])
     for n, (dt, value) in control.items():  # control state keeps dtype and value through the cast
         assert now[n].dtype == dt and torch.equal(now[n], value), n
@@ -333,8 +300,19 @@ def test_half_precision_forward_and_control_state(basis, case, dtype):
 
 @pytest.mark.parametrize("case", CASES)
 def test_bf16_autocast_forward_matches_fp32(basis, case):
+    """Every adapted layer computes in bf16 under autocast (its output says so), and the logits agree with
+    fp32 to bf16's resolution without being fp32's own (a forward that ignored autocast would give those)."""
     model = trained(case, basis)
     expected = logits(model)
-    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
-        out = model(input_ids=X).logits
+    layers = forge_layers(model)
+    seen = []
+    hooks = [layer.register_forward_hook(lambda module, args, output: seen.append(output.dtype)) for layer in layers]
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+            out = model(input_ids=X).logits
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(layers) == 6 and seen == [torch.bfloat16] * len(layers)  # 3 targets in each of 2 layers
+    assert out.dtype == torch.bfloat16 and not torch.equal(out.float(), expected)
     close(out.float(), expected, atol=3e-2)

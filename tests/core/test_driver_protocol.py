@@ -54,6 +54,7 @@ def test_loss_term_reaches_the_gradient_once_per_step(tmp_path, tiny_model, lm_d
     trainer.add_callback(Grab())
     # B = 0 at init, so the task loss has no gradient w.r.t. the probe: only the term reaches it.
     trainer.train()
+    assert len(grads) == 2  # one optimizer step, one q_proj in each of the tiny Llama's 2 layers
     for g in grads:
         torch.testing.assert_close(g, torch.full_like(g, 2 * 0.5 * 1.0))
 
@@ -61,6 +62,7 @@ def test_loss_term_reaches_the_gradient_once_per_step(tmp_path, tiny_model, lm_d
 def test_plain_trainer_refuses_a_method_that_needs_the_mixin(tmp_path, tiny_model, lm_dataset):
     model = get_peft_model(tiny_model, RefusingProbeConfig(target_modules=["q_proj"]))
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert len(before) == 2 * 3  # A, B and the gate logits of q_proj in 2 layers
     trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=lm_dataset)
     with pytest.raises(RuntimeError, match="LoraForgeSFTTrainer.*No parameter has been updated"):
         trainer.train()
@@ -103,7 +105,9 @@ def test_resume_continues_the_step_count_and_refuses_a_mismatched_adapter(tmp_pa
     trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     d = loraforge.driver(resumed)
     assert d.step == 4 and d.controllers[0].steps_seen == [3, 4]
-    for a, b in zip(loraforge.driver(full).parameters(), d.parameters()):
+    full_params, resumed_params = list(loraforge.driver(full).parameters()), list(d.parameters())
+    assert len(full_params) == len(resumed_params) == 2 * 3  # A, B and the gate logits of q_proj in 2 layers
+    for a, b in zip(full_params, resumed_params):
         torch.testing.assert_close(a, b)
 
     # An adapter whose step state says 4 cannot silently continue a run that the trainer says is at 2.
