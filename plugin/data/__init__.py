@@ -17,11 +17,16 @@ ALPACA_FIELDS = ("instruction", "input", "output")
 
 
 def alpaca_records(path=None) -> list[dict]:
-    """Alpaca records from a .json (a list) or .jsonl file; None: the shipped `alpaca_mini.jsonl`.
+    """Alpaca records from a .json (a list) or .jsonl file; None: the shipped `alpaca_mini.jsonl`;
+    `yelp-rewrites` / `yelp-rewrites-heldout`: the shipped Yelp rewrites (see `yelp_rewrites`).
 
     Every record must have `instruction` and `output` (`input` may be absent or empty); the first
     one that does not is named in the error.
     """
+    from .yelp_rewrites import SETS, yelp_rewrite_records
+
+    if path is not None and str(path) in SETS and not Path(path).exists():
+        return yelp_rewrite_records(SETS[str(path)])  # a shipped set named in a YAML job
     if path is None:
         text = resources.files(__name__).joinpath("alpaca_mini.jsonl").read_text(encoding="utf-8")
         name = "alpaca_mini.jsonl"

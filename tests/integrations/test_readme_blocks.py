@@ -1,14 +1,15 @@
 """Every code block of README.md runs as written, with tiny stand-ins for what a reader has and a CPU
 test cannot (a 7B model, a real data set, a GPU).
 
-- ```python blocks run one by one, each in a fresh namespace, in a scratch folder holding
-  `alpaca_cleaned.json` (16 records of the shipped set). `from_pretrained` of a name that is not an
-  existing folder ("path/to/llama-7b") gives the tiny random Llama / tokenizer of
-  `loraforge.testing`; `trl.SFTConfig` gets CPU-sized defaults (2 steps, batch 2, fp32, no saving)
-  under the block's own arguments. A block that is a fragment may use these names, standing for
-  what the surrounding text assumes: `base` and `model` (a tiny Llama), `args` / `sft_args` (such an
-  SFTConfig), `ds` (`alpaca_dataset` of those records), `loraforge`, `get_peft_model`,
-  `SFTTrainer`, `SFTConfig`.
+- ```python blocks run one by one, as written, each in a fresh namespace, in a scratch folder
+  holding `alpaca_cleaned.json` (16 records of the shipped set). Only the model is swapped: the
+  embedded model (`loraforge.models.default_model_path()`) is a saved tiny random Llama of
+  `loraforge.testing`, and `from_pretrained` of a name that is not an existing folder
+  ("path/to/llama-7b") gives that tiny Llama / tokenizer. Every other argument, `SFTConfig`'s
+  included, is the block's own, so a block that would fail on a CPU fails here. A block that is a
+  fragment may use these names, standing for what the surrounding text assumes: `base` and `model`
+  (a tiny Llama), `args` / `sft_args` (a CPU SFTConfig of 2 steps), `ds` (`alpaca_dataset` of those
+  records), `loraforge`, `get_peft_model`, `SFTTrainer`, `SFTConfig`.
 - ```yaml blocks must parse.
 - ```bash blocks: every `loraforge ...` command must pass its argument parser (the same one the
   console script uses: flags, choices, required options), and every path it names inside this
@@ -79,6 +80,7 @@ def stand_ins(tmp_path, monkeypatch):
     from peft import get_peft_model
 
     import loraforge
+    import loraforge.models
     from loraforge import testing
     from loraforge.data import alpaca_dataset
 
@@ -95,20 +97,19 @@ def stand_ins(tmp_path, monkeypatch):
     def tokenizer_from_pretrained(name, *args, **kwargs):
         return real_tok(name, *args, **kwargs) if os.path.isdir(str(name)) else testing.tiny_tokenizer()
 
-    real_config = trl.SFTConfig
+    def sft_config(*args, **kwargs):  # the fragments' `args`: what their surrounding text assumes
+        return trl.SFTConfig(*args, **{**TINY_SFT, **kwargs})
 
-    def sft_config(*args, **kwargs):
-        return real_config(*args, **{**TINY_SFT, **kwargs})
-
+    tiny_dir = testing.save_tiny_model(tmp_path / "embedded-model")
+    monkeypatch.setattr(loraforge.models, "default_model_path", lambda: tiny_dir)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", model_from_pretrained)
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", tokenizer_from_pretrained)
     monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", tokenizer_from_pretrained)  # TRL's lookup
-    monkeypatch.setattr(trl, "SFTConfig", sft_config)
 
     def namespace():
         args = sft_config(output_dir=str(tmp_path / "args"))
         return {"__name__": "readme", "loraforge": loraforge, "get_peft_model": get_peft_model,
-                "SFTTrainer": trl.SFTTrainer, "SFTConfig": sft_config, "base": testing.tiny_llama(seed=0),
+                "SFTTrainer": trl.SFTTrainer, "SFTConfig": trl.SFTConfig, "base": testing.tiny_llama(seed=0),
                 "model": testing.tiny_llama(seed=0), "args": args, "sft_args": args,
                 "ds": alpaca_dataset(records)}
 
