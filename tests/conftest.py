@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import socket
-from pathlib import Path
 
 import pytest
 
@@ -19,9 +18,6 @@ torch.set_num_threads(1)
 
 import loraforge  # noqa: E402,F401  (registers configs and hooks before any test builds a model)
 from loraforge import testing  # noqa: E402
-
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-
 
 @pytest.fixture
 def tiny_model():

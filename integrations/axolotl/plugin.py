@@ -1,7 +1,7 @@
 """`LoraForgePlugin`: Axolotl trains `adapter: salora | delta_lora | cora`.
 
 Hooks used (checked against Axolotl 0.21.0's `integrations/base.py`, `loaders/`, `core/builders/`;
-tests/test_axolotl_integration.py compares the signatures with the installed BasePlugin):
+tests/integrations/test_axolotl_end_to_end.py compares the signatures with the installed BasePlugin):
 - `get_input_args` / `get_adapter_capabilities`: the YAML keys (args.py) and the adapter names;
 - `load_adapter`: builds the method's config from the YAML and wraps the model with PEFT (or
   restores a saved adapter from `lora_model_dir`). Not `get_lora_config_kwargs`: 0.21 calls it only

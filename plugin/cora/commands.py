@@ -2,7 +2,7 @@
 
 Read by `loraforge_cli` without importing the package (no torch: `--help` and argument errors are
 answered at once); the work runs in `loraforge.cora.cli` once the arguments are valid. The choices
-repeat those of `cora/extract.py` (which imports torch); tests/test_cli_help.py keeps them equal.
+repeat those of `cora/extract.py` (which imports torch); tests/integrations/test_cli_help.py keeps them equal.
 """
 from __future__ import annotations
 

@@ -85,7 +85,9 @@ class CoRAConfig(ForgeConfig):
                     f"use r <= {widest} or extract a basis with --rank {self.r}")
 
     def axes(self) -> list[type]:
-        return [BasisAxis]
+        from ..core.fingerprint import ForwardRecord  # late: core.fingerprint imports core.layer
+
+        return [BasisAxis, ForwardRecord]
 
     def controllers(self) -> list[type]:
         return [CoRAProvenance]

@@ -144,9 +144,10 @@ class _Adapter:
     def open(cls, path: str) -> "_Adapter":
         from peft.utils.other import get_pattern_key
 
+        from ..core.files import read_adapter_config
+
         config_file = os.path.join(path, "adapter_config.json")
-        with open(config_file) as f:
-            config = json.load(f)
+        config = read_adapter_config(path)  # one line for a missing, empty or damaged config
         peft_type = str(config.get("peft_type"))
         if peft_type.startswith("LORAFORGE_"):
             raise CoRAExtractError(f"{path}: a loraforge adapter ({peft_type}); write it as a stock LoRA adapter with "

@@ -39,7 +39,13 @@ def read_basis(path: str, module: str, r: int, out_features: int) -> torch.Tenso
             raise ForgeConfigError(
                 f"r: the basis of {module!r} in {path!r} has {shape[1]} columns, fewer than the module's r={r}; "
                 f"use r <= {shape[1]} (or a smaller rank_pattern entry) or extract with --rank {r}")
-        return f.get_slice(module)[:, :r]
+        basis = f.get_slice(module)[:, :r]
+    if not bool(torch.isfinite(basis).all()) or bool((basis.abs().amax(dim=0) == 0).any()):
+        what = "non-finite entries (NaN or inf)" if not bool(torch.isfinite(basis).all()) else "an all-zero column"
+        raise ForgeConfigError(
+            f"basis_path: the basis of {module!r} in {path!r} has {what}: B would train to NaN or never move along "
+            "it; extract the basis again (loraforge cora-extract) from finite models")
+    return basis
 
 
 class BasisAxis(Axis):

@@ -65,6 +65,9 @@ def export_lora(model, out_dir: str, adapter: str = "default", dtype: torch.dtyp
         raise ValueError("lora_bias=True adapters cannot be exported as stock LoRA by loraforge yet")
     if any(layer.merged for layer in layers):
         raise ValueError("the adapter is merged into the base weights: call unmerge_adapter() before export")
+    from .finite import refuse_non_finite
+
+    refuse_non_finite(get_peft_model_state_dict(model, adapter_name=adapter), f"adapter {adapter!r}")
     tensors, ranks = {}, {}
     for layer in layers:
         b, a = stock_factors(layer, adapter)

@@ -18,8 +18,14 @@ def base_of(adapter_dir: str) -> str | None:
     path = os.path.join(adapter_dir, "adapter_config.json")
     if not os.path.isfile(path):
         raise UsageError(f"no adapter_config.json in {adapter_dir!r}; pass the folder of a saved adapter")
-    with open(path) as f:
-        return json.load(f).get("base_model_name_or_path") or None
+    try:
+        with open(path) as f:
+            return json.load(f).get("base_model_name_or_path") or None
+    except ValueError:  # empty or not JSON: the one-line answer names the file and the damage
+        from .files import read_adapter_config
+
+        read_adapter_config(adapter_dir)
+        raise
 
 
 def export_args(args) -> int:
@@ -36,6 +42,15 @@ def export_args(args) -> int:
         source = "--base" if args.base else f"base_model_name_or_path in {args.adapter}/adapter_config.json"
         raise UsageError(f"no base model folder {base!r} ({source}); pass the folder the adapter was trained on "
                          "with --base")
+    from safetensors.torch import load_file
+
+    from .files import WEIGHTS_NAME, check_adapter_folder
+    from .finite import refuse_non_finite
+
+    check_adapter_folder(args.adapter)  # one line for a missing, truncated or damaged file
+    weights = os.path.join(args.adapter, WEIGHTS_NAME)
+    if os.path.isfile(weights):
+        refuse_non_finite(load_file(weights), weights)
     model = load_adapter(AutoModelForCausalLM.from_pretrained(base), args.adapter)
     logger = logging.getLogger("loraforge.export")  # the format's summary: padding cost, Modelfile
     logger.addHandler(logging.StreamHandler(sys.stdout))

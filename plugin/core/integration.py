@@ -29,6 +29,10 @@ PEFT LoRA run is bit-identical with and without `import loraforge`
    `_fsdp_wrapped_module.` into the tuner layers' names but not into a full state dict's keys, so
    `save_pretrained(state_dict=...)` (what `trainer.save_model()` does under FSDP1) wrote an empty
    adapter. The wrapper names are stripped from the prefixes; without FSDP1 there are none.
+7. Message filters (`quiet.py`, installed first in `__init__`, before anything imports bitsandbytes):
+   bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community" log line is dropped on
+   its own logger, and the FutureWarnings about `is_gradient_checkpointing` / `gradient_checkpointing`
+   that PEFT and TRL (not the user) trigger are ignored. Nothing else is filtered.
 
 Private library internals read, not replaced (checked in the same test): bitsandbytes'
 `_convert_weight_packed_for_cpu_inverse` and `Linear4bit.support_avx512bf16_for_cpu`

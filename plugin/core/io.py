@@ -1,17 +1,16 @@
 """Loading a saved loraforge adapter back with its own type."""
 from __future__ import annotations
 
-import json
 import os
 
 from peft import PeftModel
-from peft.utils import CONFIG_NAME
 
 
 def saved_method(path: str) -> str | None:
     """The loraforge method an adapter folder was saved with, or None for a stock PEFT adapter."""
-    with open(os.path.join(path, CONFIG_NAME)) as f:
-        peft_type = json.load(f).get("peft_type", "")
+    from .files import read_adapter_config
+
+    peft_type = read_adapter_config(path)["peft_type"]
     return peft_type[len("LORAFORGE_"):].lower() if str(peft_type).startswith("LORAFORGE_") else None
 
 
@@ -38,4 +37,13 @@ def load_adapter(base_model, path: str, adapter_name: str = "default", is_traina
         >>> model = loraforge.load_adapter(AutoModelForCausalLM.from_pretrained("base"), "outputs/salora")
         ```
     """
-    return PeftModel.from_pretrained(base_model, path, adapter_name=adapter_name, is_trainable=is_trainable)
+    from .errors import ForgeConfigError
+    from .files import DamagedFileError, check_adapter_fits, check_adapter_folder
+
+    if os.path.isdir(path):
+        check_adapter_folder(path)  # one line for a missing, truncated or damaged file
+        check_adapter_fits(path, base_model)
+    try:
+        return PeftModel.from_pretrained(base_model, path, adapter_name=adapter_name, is_trainable=is_trainable)
+    except ForgeConfigError as exc:  # the saved config and weights disagree (e.g. an edited adapter_config.json)
+        raise DamagedFileError(f"{path}: {exc}") from None

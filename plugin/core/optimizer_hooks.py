@@ -11,6 +11,7 @@ import weakref
 
 import torch
 
+from . import finite
 from .controller import CONSTANT_LR
 from .driver import Driver, adapter_parameters, driver_for, group_layers
 from .layer import ADAPTER_GENERATION, LIVE_LAYERS
@@ -74,7 +75,10 @@ def pre_step(optimizer, args, kwargs) -> None:
     if optimizer._loraforge_skip:
         return
     pin_constant_lr(optimizer)
-    for d in _drivers_of_optimizer(optimizer):
+    found = _drivers_of_optimizer(optimizer)
+    if found:  # a non-finite loss or gradient: the step is skipped (counted, grads dropped)
+        finite.guard_step(optimizer, found[0].step + 1, found)
+    for d in found:
         if d.step == 0:  # the first update; later, `begin` (trainers, resumes) and new drivers check
             d.refuse_sharded()
         d.refuse_unmanaged()
@@ -89,4 +93,6 @@ def post_step(optimizer, args, kwargs) -> None:
     if getattr(optimizer, "_loraforge_skip", False):
         return
     for d in _drivers_of_optimizer(optimizer):
+        if not getattr(d, "step_skipped", False):
+            finite.check_parameters(d, d.step + 1)
         d.on_step_end()

@@ -30,6 +30,14 @@ class LoraForgeSFTTrainer(LoraForgeTrainerMixin, SFTTrainer):
         super().__init__(*args, **kwargs)
         import torch
 
+        from .config import ForgeConfigError
+
+        data = self.train_dataset
+        if data is not None and hasattr(data, "__len__") and len(data) == 0:  # else torch's "num_samples ..." at train()
+            raise ForgeConfigError(
+                f"max_length: every training example lost its response to truncation at {self.args.max_length} tokens "
+                "(or the data is empty); raise max_length or give shorter examples")
+
         from .layer import ForgeLinear
 
         for layer in self.model.modules():

@@ -12,13 +12,17 @@ also pins right after each scheduler step, so the group shows its true lr betwee
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 from transformers import Trainer, TrainerCallback
 
-from . import sharding
+from . import finite, sharding
 from .driver import Driver, drivers
 from .errors import ForgeConfigError, require
 from .optimizer_hooks import pin_constant_lr
+
+logger = logging.getLogger(__name__)
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -33,6 +37,7 @@ class _ForgeCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         refuse_ddp_without_unused_parameters(self.trainer.model_wrapped, self.trainer.forge_drivers())
+        finite.note_output_dir(args.output_dir)
         if optimizer is not None:  # the scheduler's first value (0 in a warmup) must not reach the gates
             pin_constant_lr(optimizer)
         for d in self.trainer.forge_drivers():
@@ -79,6 +84,7 @@ class PlanCallback(TrainerCallback):
     the last step) reach users of any trainer. It never takes charge of training (see `Driver.plan`)."""
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        finite.note_output_dir(args.output_dir)  # the non-finite guard's counts start afresh
         if model is not None:
             for d in drivers(_unwrap(model)):
                 d.plan(state.max_steps)
@@ -138,6 +144,7 @@ class LoraForgeTrainerMixin:
         if not model.training:
             return out
         loss, outputs = out if return_outputs else (out, None)
+        finite.note_loss(loss)
         for d in self.forge_drivers():
             reg = d.regularization_loss()
             if reg is not None:
@@ -158,10 +165,32 @@ class LoraForgeTrainerMixin:
         steps = getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
         return 1.0 / steps if scaled else 1.0
 
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        if resume_from_checkpoint is True:  # the last COMPLETE checkpoint (transformers takes the last one)
+            from .checkpoint import last_complete
+
+            path, skipped = last_complete(self.args.output_dir)
+            for folder, why in skipped:
+                logger.warning("skipping the incomplete checkpoint %s (%s)", folder, why)
+            resume_from_checkpoint = path or True  # none: transformers' own "no valid checkpoint" error
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        from .checkpoint import save_checkpoint_atomically  # staged, flushed and renamed: whole or absent
+
+        save_checkpoint_atomically(self, super()._save_checkpoint, model, trial)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
+        from .checkpoint import restore_exact_state
+
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        restore_exact_state(_unwrap(self.model), resume_from_checkpoint)
+
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs:
             for d in self.forge_drivers():
                 logs.update({k: round(v, 6) for k, v in d.log_values().items()})
+            logs.update(finite.log_values())
         super().log(logs, *args, **kwargs)
 
 

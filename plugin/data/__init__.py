@@ -17,18 +17,25 @@ ALPACA_FIELDS = ("instruction", "input", "output")
 
 
 def alpaca_records(path=None) -> list[dict]:
-    """Alpaca records from a .json (a list) or .jsonl file; None: the shipped `alpaca_mini.jsonl`.
+    """Alpaca records from a .json (a list) or .jsonl file; None: the shipped `alpaca_mini.jsonl`;
+    `yelp-rewrites` / `yelp-rewrites-heldout`: the shipped Yelp rewrites (see `yelp_rewrites`).
 
     Every record must have `instruction` and `output` (`input` may be absent or empty); the first
     one that does not is named in the error.
     """
+    from .yelp_rewrites import SETS, yelp_rewrite_records
+
+    if path is not None and str(path) in SETS and not Path(path).exists():
+        return yelp_rewrite_records(SETS[str(path)])  # a shipped set named in a YAML job
     if path is None:
         text = resources.files(__name__).joinpath("alpaca_mini.jsonl").read_text(encoding="utf-8")
         name = "alpaca_mini.jsonl"
     else:
         if not Path(path).is_file():
             raise FileNotFoundError(f"data: no file {str(path)!r}; pass a .json or .jsonl file of Alpaca records")
-        text, name = Path(path).read_text(encoding="utf-8"), str(path)
+        from ..core.files import read_utf8
+
+        text, name = read_utf8(path, "data"), str(path)
     try:
         if text.lstrip().startswith("["):
             records = json.loads(text)
@@ -37,6 +44,8 @@ def alpaca_records(path=None) -> list[dict]:
     except json.JSONDecodeError as exc:
         raise ValueError(f"data: {name} is not JSON / JSON Lines ({exc.msg} at line {exc.lineno}); "
                          "expected Alpaca records {instruction, input, output}") from None
+    if not isinstance(records, list) or not records:
+        raise ValueError(f"data: {name} holds no records; expected a list of Alpaca records {{instruction, input, output}}")
     check_alpaca(records, name)
     return records
 
@@ -47,6 +56,9 @@ def check_alpaca(records, name: str = "records") -> None:
         if missing:
             raise ValueError(f"data: record {i} of {name} lacks {sorted(missing)} "
                              "(Alpaca format expected: instruction, input, output)")
+        for field in ALPACA_FIELDS:
+            if not isinstance(r.get(field, ""), str) and not (field == "input" and r[field] is None):
+                raise ValueError(f"data: record {i} of {name} has {field}: {json.dumps(r[field])}; it must be a string")
 
 
 def alpaca_dataset(source=None):

@@ -45,6 +45,29 @@ class InPlacePropagation(DeltaPropagation):
     def after_step(self) -> None:
         self.propagate()
 
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        """W and the fp32 residual, saved with trainer checkpoints (core/checkpoint.py). Rebuilding W from
+        the factors on resume rounds differently from the step-by-step writes (1 ulp of W), and Adam turns
+        that into 1e-6 differences in A within a few steps; a resume from these is exact."""
+        w = self.layer.get_base_layer().weight
+        if self.applied is None or sharding.engine(w) is not None:
+            return {}
+        out = {"weight": w.detach()}
+        if self.residual is not None:
+            out["residual"] = self.residual
+        return out
+
+    @torch.no_grad()
+    def restore_checkpoint_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """After the adapter's state was loaded from a checkpoint: W (and the residual) as they were saved."""
+        if not tensors:
+            return
+        self.layer.get_base_layer().weight.data.copy_(tensors["weight"])
+        self.residual = tensors["residual"].to(torch.float32).clone() if "residual" in tensors else None
+        target = self.target()
+        self.applied = None if target is None else (target[0].detach().clone(), target[1].detach().clone())
+        self.applied_snapshot = None
+
     @torch.no_grad()
     def propagate(self) -> None:
         """After an optimizer step t > K: `W += λ·s·(P_{t+1} - P_t)`."""

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core import sharding
+from ..core.errors import ForgeConfigError
 from ..core.layer import STATE, Axis
 from ..core.quantized import dense_weight
 from .fingerprint import classify_base, print_of, state_dtype
@@ -176,7 +177,7 @@ class DeltaPropagation(Axis):
         now = {"start_step": self.start_step, "update_ratio": self.ratio, "scaling s": self.scaling}
         for key in saved:
             if abs(saved[key] - now[key]) > 1e-2 * max(abs(now[key]), 1e-12):
-                raise ValueError(
+                raise ForgeConfigError(
                     f"{self.layer.forge_name}: the loaded Delta-LoRA state was trained with {key}={saved[key]:g} but "
                     f"this adapter's config says {now[key]:g}; load it with the config saved beside it "
                     "(PeftModel.from_pretrained / loraforge.load_adapter read it) or continue with the same values.")

@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 
+from ..core import finite
 from ..core.controller import Controller
 from .layer import DeltaPropagation
 
@@ -64,7 +65,10 @@ class DeltaLoRAController(Controller):
                 "factors get no gradient and W would take the update twice. Call model.unmerge_adapter() before "
                 "training and merge only at the end.")
         self._catch_up(step)  # the snapshot at K; refuses a state past K without one
-        if step > self.start_step:
+        if step > self.start_step and not getattr(self.driver, "step_skipped", False):  # skipped: nothing moved
+            applied = [(*ax.factors(), *ax.applied) for ax in self.axes if getattr(ax, "applied", None) is not None]
+            if not finite.bounded_update(applied, max(abs(ax.coef) for ax in self.axes), self.axes[0].weight.dtype):
+                return finite.count_bad_step(step, "W += λ·s·(B A - B_K A_K) would overflow W (the factors blew up)")
             for ax in self.axes:
                 ax.after_step()  # in place: W += λ·s·(P_{t+1} - P_t); folded: nothing
 

@@ -60,8 +60,11 @@ def train_style_classifier(train_0, train_1, base, out, *, epochs: float = 1.0, 
         labels += [label] * len(lines)
 
     tokenizer = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        base, num_labels=2, id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)})
+    from ..quiet import new_head_expected
+
+    with new_head_expected():  # the classification head is new: that is what is trained below
+        model = AutoModelForSequenceClassification.from_pretrained(
+            base, num_labels=2, id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)})
     enc = tokenizer(texts, truncation=True, max_length=max_length)
     dataset = [{"input_ids": ids, "attention_mask": mask, "labels": y}
                for ids, mask, y in zip(enc["input_ids"], enc["attention_mask"], labels)]

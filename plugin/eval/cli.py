@@ -27,7 +27,14 @@ def eval_style(a) -> int:
 
     if a.adapter and not a.model:
         raise UsageError("--adapter needs --model (the base the adapter was trained on)")
+    from loraforge_cli import EVAL_DIR
+
     from .pipeline import evaluate_style
+
+    if a.out is None:
+        system = a.system_name or (Path(a.adapter).name if a.adapter else Path(a.hypotheses).stem if a.hypotheses
+                                   else "base")
+        a.out = str(Path(EVAL_DIR, "results", f"{system}.{a.task}.json"))
 
     try:
         result = evaluate_style(
@@ -79,7 +86,12 @@ def train_classifier(a) -> int:
 
 
 def train_kenlm(a) -> int:
+    from loraforge_cli import EVAL_DIR
+
     from .arpa import write_arpa
+
+    if a.out is None:
+        a.out = str(Path(EVAL_DIR, "lm", Path(a.corpus).name + ".arpa"))
     from .texts import normalize, read_lines
 
     try:

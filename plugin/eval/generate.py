@@ -35,7 +35,13 @@ def load_model(base, adapter=None, dtype: str = "auto", device: str | None = Non
             from peft import PeftModel
 
             load_adapter = PeftModel.from_pretrained
-        model = load_adapter(model, str(adapter))
+        try:
+            model = load_adapter(model, str(adapter))
+        except RuntimeError as exc:
+            if "size mismatch" not in str(exc):
+                raise
+            raise ValueError(f"--adapter: {adapter} was trained on another base than {base} (its tensor shapes "
+                             "differ); pass the model it was trained on with --model") from None
     return model.to(device).eval(), tokenizer
 
 

@@ -48,7 +48,16 @@ def perplexity(lm, sentences: list[str], normalization: str = "none") -> dict:
     if not isinstance(lm, kenlm.Model):
         if not Path(lm).is_file():
             raise FileNotFoundError(f"--lm: no such file {str(lm)!r}; build one with `loraforge train-kenlm`")
-        lm = kenlm.Model(str(lm))
+        from ..quiet import c_stderr_silenced
+
+        config = kenlm.Config()
+        config.show_progress = False
+        try:
+            with c_stderr_silenced():  # the ARPA loader's note about binary files, on std::cerr
+                lm = kenlm.Model(str(lm), config)
+        except OSError:
+            raise ValueError(f"--lm: {lm} is not an ARPA or KenLM binary file; build one with "
+                             "`loraforge train-kenlm`") from None
     log10_total, tokens, oov = 0.0, 0, 0
     for sentence in sentences:
         words = normalize(sentence, normalization).split()

@@ -17,6 +17,9 @@ from .layer import FROZEN_CODES, deterministic_gate, phase_at
 from .report import ModuleGates, format_table, summarize, write_summary
 
 PREFIX = "base_model.model."
+LEGEND = ("columns: r = ranks trained; E[L0] = expected number of open gates (the L0 norm the budget counts); "
+          "live = gates open now (ĝ > 0); export = ranks `loraforge export` keeps. lambda = the multiplier holding "
+          "the density on its target (linear = the linear term's, with lagrangian='linear_quadratic')")
 
 
 def _split(key: str) -> tuple[str, str] | None:
@@ -28,11 +31,12 @@ def _split(key: str) -> tuple[str, str] | None:
 
 def read_adapter(path: str) -> tuple[dict, dict[str, dict]]:
     """(adapter config dict, module -> {tensor name: tensor}) of a saved adapter folder."""
-    from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
+    from peft.utils import SAFETENSORS_WEIGHTS_NAME
     from safetensors.torch import load_file
 
-    with open(os.path.join(path, CONFIG_NAME)) as f:
-        config = json.load(f)
+    from ..core.files import check_adapter_folder
+
+    config = check_adapter_folder(path)  # one line for a missing, truncated or damaged file
     modules: dict[str, dict] = {}
     for key, value in load_file(os.path.join(path, SAFETENSORS_WEIGHTS_NAME)).items():
         parts = _split(key)
@@ -98,14 +102,18 @@ def ranks(args) -> int:
         print(f"lambda {summary['lambda']:.6g} (linear {summary['lambda_linear']:.6g}) | window {window} | "
               f"step {summary['step']} | gates "
               f"{'frozen with prune_budget=' + repr(summary['frozen']) if summary['frozen'] else 'not frozen'}")
+        print(LEGEND)
         module_ranks = {r["module"]: r["export_rank"] for r in summary["modules"]}
         r_max = max(r["r"] for r in summary["modules"])
         densities = summary
     elif config.get("peft_type") == "LORA":
         summary = stock_summary(args.adapter)
+        salora = summary["metadata"].get("salora")
+        print(f"{args.adapter}: exported ranks of a SaLoRA adapter (stock LoRA written by `loraforge export`)"
+              if salora else f"{args.adapter}: a plain LoRA adapter (no SaLoRA gates): the ranks below are the "
+              "fixed r of each module, not learned ones")
         for row in summary["modules"]:
             print(f"{row['module']}  {row['export_rank']}")
-        salora = summary["metadata"].get("salora")
         if salora:
             print("densities at export: " + ", ".join(f"{k} {salora[k]:.3f}" for k in
                   ("target_density", "expected_density", "realized_density", "export_density")))
@@ -118,7 +126,8 @@ def ranks(args) -> int:
     if args.png:
         from .plot import heatmap_title, rank_heatmap
 
-        if rank_heatmap(module_ranks, args.png, r_max=r_max, title=heatmap_title(densities)) is None:
+        label = "exported rank" if densities else "LoRA rank r (fixed, not learned)"
+        if rank_heatmap(module_ranks, args.png, r_max=r_max, title=heatmap_title(densities), label=label) is None:
             print("no module has a layer index: no heat map written")
     if args.json:
         write_summary(summary, args.json)

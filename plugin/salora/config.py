@@ -28,6 +28,8 @@ experiments/salora_planted.py, see the module docstrings of `budget.py`, `prune.
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -42,7 +44,7 @@ BUDGET_CONTROLS = ("schedule", "paper")
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)  # no nan / inf
 
 
 @dataclass
@@ -180,7 +182,9 @@ class SaLoRAConfig(ForgeConfig):
         return start, end
 
     def axes(self) -> list[type]:
-        return [HardConcreteGate]
+        from ..core.fingerprint import ForwardRecord  # late: core.fingerprint imports core.layer
+
+        return [HardConcreteGate, ForwardRecord]
 
     def controllers(self) -> list[type]:
         return [SaLoRAController]

@@ -38,6 +38,9 @@ logger = logging.getLogger("loraforge.salora")
 
 #: How far the exported density may sit from target_density before training ends with a warning.
 DENSITY_WARN_GAP = 0.1
+#: Fewer window steps than this and train begin warns that the budget may not be reached (on the
+#: quickstart, b = 0.5: a 12-step window ended with C = 0.42, an 18-step one with C = 0.500).
+MIN_WINDOW_STEPS = 16
 
 
 class SaLoRAController(Controller):
@@ -141,6 +144,11 @@ class SaLoRAController(Controller):
         if self.start < 0:
             self.start, self.end = self.config.resolve_window(max_steps)
             self._write("lora_salora_window", [self.start, self.end], slice(0, 2))
+            if self.end - self.start < MIN_WINDOW_STEPS:
+                warnings.warn(f"SaLoRA: the gates train on {self.end - self.start} optimizer step(s) only (steps "
+                      f"{self.start + 1}..{self.end} of {max_steps}); with fewer than {MIN_WINDOW_STEPS} the density "
+                      f"may end away from target_density={self.config.target_density}. Train longer (the default window "
+                      f"is 0.2-0.5 of max_steps) or give window_start / window_end as step counts", stacklevel=2)
         elif max_steps is not None and self.end > max_steps and not self.frozen:
             warnings.warn(f"SaLoRA: the saved window ends at step {self.end}, after this run's last step {max_steps}: "
                           "the gates will not freeze and the budget may not be met", stacklevel=2)
@@ -185,7 +193,7 @@ class SaLoRAController(Controller):
         was_inside = self.in_window()  # the step just taken (number `step`) ran inside the window
         self.step = step
         self.sampler.forget()  # the logits moved (in place; a fused optimizer does not bump their versions)
-        if was_inside:
+        if was_inside and not getattr(self.driver, "step_skipped", False):  # a skipped (non-finite) step moves nothing
             self.budget.after_step(step)
             self._write_lambda()
         self.budget.stepped()

@@ -13,9 +13,24 @@ def heatmap_title(densities: dict | None) -> str:
             f"target {densities['target_density']:.2f})")
 
 
-def rank_heatmap(ranks: dict[str, int], path: str, r_max: int | None = None, title: str = "SaLoRA ranks") -> str | None:
+EXPORTED = "exported rank"  # the cells' label: the ranks `loraforge export` keeps, not the live gates
+
+
+def rank_heatmap(ranks: dict[str, int], path: str, r_max: int | None = None, title: str = "SaLoRA ranks",
+                 label: str = EXPORTED) -> str | None:
     """Write a PNG of `ranks` (module name -> rank) to `path`; modules without a layer index are left
-    out (they are in the rank table). Returns the path, or None when no module has a layer index."""
+    out (they are in the rank table).
+
+    Args:
+        ranks: module name -> rank shown in its cell.
+        path: the PNG file to write.
+        r_max: the colour scale's top (default: the largest rank).
+        title: the figure's title, also stored as the PNG's Title text.
+        label: what the cells are (the colour bar's label, also the PNG's Description text).
+
+    Returns:
+        The path, or None when no module has a layer index.
+    """
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -40,7 +55,8 @@ def rank_heatmap(ranks: dict[str, int], path: str, r_max: int | None = None, tit
     for (kind, index), rank in cells.items():
         grid[types.index(kind), layers.index(index)] = rank
     vmax = r_max if r_max is not None else max(cells.values())
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * len(layers) + 2.0), max(2.5, 0.4 * len(types) + 1.2)))
+    # about 1000 x 300 px for 30 layers and 2 module types; wider models shrink the cells, not the page
+    fig, ax = plt.subplots(figsize=(min(10.0, max(4.0, 0.3 * len(layers) + 2.0)), max(3.0, 0.4 * len(types) + 1.8)))
     image = ax.imshow(np.ma.masked_invalid(grid), cmap="Blues", vmin=0, vmax=max(vmax, 1), aspect="auto")
     for y in range(len(types)):
         for x in range(len(layers)):
@@ -51,9 +67,10 @@ def rank_heatmap(ranks: dict[str, int], path: str, r_max: int | None = None, tit
     ax.set_xticks(range(len(layers)), [str(i) for i in layers])
     ax.set_yticks(range(len(types)), types)
     ax.set_xlabel("layer")
+    ax.set_ylabel("module type")
     ax.set_title(title)
-    fig.colorbar(image, ax=ax, label="rank")
+    fig.colorbar(image, ax=ax, label=f"{label} (of r={vmax})")
     fig.tight_layout()
-    fig.savefig(path, dpi=120, metadata={"Title": title})  # the title, readable without OCR
+    fig.savefig(path, dpi=100, metadata={"Title": title, "Description": label})  # readable without OCR
     plt.close(fig)
     return path

@@ -1,0 +1,121 @@
+"""SaLoRA and Delta-LoRA sharded by FSDP2 (`fully_shard`) and FSDP1 (FULL_SHARD; SHARD_GRAD_OP for
+SaLoRA and in-place Delta-LoRA) on 2 gloo ranks.
+
+One `torch.distributed.run --nproc_per_node 2` runs every case (tests/scale/fsdp_worker.py), one plain
+process trains the same cases unsharded on the whole global batch of 8, both at once. What must
+hold after 8 AdamW steps (SaLoRA's window 2..6 inside the run; Delta-LoRA's K = 2):
+- both ranks hold bit-identical whole adapter state (factors, gate logits, frozen gates, λ, window,
+  snapshots, step counters; the in-place base weights gathered) and logged the same values (density,
+  λ, orthogonal term, W's shift) after every step: all post-step work reads whole tensors;
+- the sharded run equals the single process to 1e-5: the engines average two half-batch gradients
+  (float32 round-off, observed ≤ 2.4e-6), a loss term counted per rank or read from a shard, a gate
+  stepped outside the window or W updated from the wrong rows moves weights by ~lr = 1e-2 per step;
+- a run checkpointed after step 4 (model and optimizer, sharded DCP or full state dicts) and
+  resumed in a fresh model ends where the uninterrupted run ends.
+"""
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from two_ranks import free_port, load_result, run_beside
+
+HERE = Path(__file__).resolve().parent
+WORKER = HERE / "fsdp_worker.py"
+CASES = ["salora", "delta_in_place", "delta_folded"]
+# The ranks reduce gradients in another order than one process does, and Adam divides each entry by its own
+# magnitude, so that float32 noise moves an entry with a small gradient by a small share of a step (lr 1e-2):
+# 1.7e-5 seen on one CPU after 8 steps (0.2% of one step). A wrong update would be off by a whole step.
+TOL = 5e-5
+ADAPTED = 6  # the workers' TARGETS (q_proj, v_proj, up_proj) in each of the tiny Llama's 2 layers
+
+
+def _pick(state: dict, part: str) -> list:
+    """The entries of `state` whose name holds `part`: one per adapted module, or the test fails (a check
+    over them must not pass because nothing matched)."""
+    found = [v for k, v in state.items() if part in k]
+    assert len(found) == ADAPTED, f"{part}: {len(found)} entries, expected one per adapted module ({ADAPTED})"
+    return found
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp")
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+              str(WORKER), str(out), "sharded"]
+    run_beside(launch, [sys.executable, str(WORKER), str(out), "single"], out / "fsdp.log", timeout=900)
+    yield out
+    shutil.rmtree(out, ignore_errors=True)
+
+
+def _check(runs, name: str, case: str) -> dict:
+    r0, r1 = load_result(runs, name, "rank0"), load_result(runs, name, "rank1")
+    one = load_result(runs, f"single-{case}", "single")
+    assert r0["steps"] == r1["steps"] == one["steps"] == 8
+    assert r0["state"].keys() == r1["state"].keys() == one["state"].keys()
+    for key, value in r0["state"].items():
+        assert torch.equal(value, r1["state"][key]), f"{key} differs between ranks"
+        torch.testing.assert_close(value, one["state"][key], atol=TOL, rtol=0, msg=lambda m: f"{key}: {m}")
+    assert r0["logs"] == r1["logs"], "the ranks logged different values"
+    for step, (mine, ref) in enumerate(zip(r0["logs"], one["logs"], strict=True)):
+        for key, value in ref.items():
+            assert mine[key] == pytest.approx(value, abs=TOL), f"step {step + 1}: {key}"
+    return r0
+
+
+@pytest.mark.parametrize("engine, case", [(e, c) for e in ("fsdp2", "fsdp1") for c in CASES] + [
+    ("fsdp1_grad_op", "salora"), ("fsdp1_grad_op", "delta_in_place")])
+def test_sharded_training_equals_one_process(runs, engine, case):
+    r0 = _check(runs, f"{engine}-{case}", case)
+    # The comparison means something only if the method's own state moved during the run.
+    state, logs = r0["state"], r0["logs"]
+    pick = lambda part: _pick(state, part)  # noqa: E731
+    if case == "salora":
+        assert all(float(v[0]) > 0 for v in pick(".lora_salora_lambda.")), "λ never ascended"
+        assert all(v.tolist()[:2] == [2, 6] and v.tolist()[2] != 0 for v in pick(".lora_salora_window.")), "no freeze"
+        assert logs[1]["salora/expected_density"] != logs[5]["salora/expected_density"], "gates never trained"
+        assert logs[6]["salora/expected_density"] == logs[7]["salora/expected_density"], "gates moved after freezing"
+    else:
+        k = 2
+        assert all(v.tolist() == [k, k] for v in pick(".lora_delta_steps.")), f"snapshot not taken at K={k}"
+        assert logs[-1]["delta_lora/w_shift_norm"] > 0.1
+
+
+@pytest.mark.parametrize("engine, case, kind", [("fsdp2", case, "resume") for case in CASES] + [
+    ("fsdp2", "salora", "resume-full"), ("fsdp1", "salora", "resume"), ("fsdp1", "delta_in_place", "resume-full")])
+def test_resume_from_fsdp_checkpoint_equals_uninterrupted_run(runs, engine, case, kind):
+    _check(runs, f"{engine}-{case}-{kind}", case)
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", "fsdp1"])
+@pytest.mark.parametrize("case", CASES)
+def test_adapter_saved_under_fsdp_loads_and_exports_in_one_process(runs, engine, case, tmp_path):
+    """The adapter written from the sharded run (the full state dict, as trainer.save_model() writes
+    it under FSDP) loads onto the ORIGINAL base in one process with the trained state (in place:
+    W_0 + D rebuilt on load equals the trained W), and `export_lora` writes a stock PEFT adapter
+    that computes the same function."""
+    from peft import PeftModel
+
+    import loraforge
+    from loraforge import testing
+
+    one = load_result(runs, f"single-{case}", "single")["state"]
+    model = loraforge.load_adapter(testing.tiny_llama(seed=0), str(runs / f"adapter-{engine}-{case}"))
+    loaded = {k: v for k, v in [*model.named_parameters(), *model.named_buffers()] if ".lora_" in k}
+    if case == "delta_in_place":
+        loaded.update({k: v for k, v in model.named_parameters() if k.endswith("base_layer.weight") and
+                       k in one})
+    assert loaded.keys() == one.keys()
+    for key, value in one.items():
+        torch.testing.assert_close(loaded[key].detach(), value, atol=TOL, rtol=0, msg=lambda m: f"{key}: {m}")
+    model.eval()
+    ids = torch.randint(3, 512, (2, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    loraforge.export_lora(model, str(tmp_path / "stock"))
+    stock = PeftModel.from_pretrained(testing.tiny_llama(seed=0), str(tmp_path / "stock")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(stock(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)
