@@ -66,8 +66,11 @@ class DeltaLoRAController(Controller):
                 "training and merge only at the end.")
         self._catch_up(step)  # the snapshot at K; refuses a state past K without one
         if step > self.start_step and not getattr(self.driver, "step_skipped", False):  # skipped: nothing moved
+            # Only in-place propagation writes W (it refuses quantised bases, so W's own dtype is a float one);
+            # `ax.weight` would dequantise a bnb base, and its dtype is not what a write would overflow.
             applied = [(*ax.factors(), *ax.applied) for ax in self.axes if getattr(ax, "applied", None) is not None]
-            if not finite.bounded_update(applied, max(abs(ax.coef) for ax in self.axes), self.axes[0].weight.dtype):
+            w_dtype = self.axes[0].layer.get_base_layer().weight.dtype
+            if applied and not finite.bounded_update(applied, max(abs(ax.coef) for ax in self.axes), w_dtype):
                 return finite.count_bad_step(step, "W += λ·s·(B A - B_K A_K) would overflow W (the factors blew up)")
             for ax in self.axes:
                 ax.after_step()  # in place: W += λ·s·(P_{t+1} - P_t); folded: nothing
