@@ -295,7 +295,7 @@ def test_save_and_load_keep_gates_lambda_window_and_step(tmp_path):
         torch.testing.assert_close(loaded(input_ids=x).logits, model(input_ids=x).logits, rtol=0, atol=0)
 
 
-# budget report (issue 9) ------------------------------------------------------------------------
+# budget report ----------------------------------------------------------------------------------
 def test_a_missed_budget_is_reported_with_both_densities(tmp_path, capsys):
     model = salora_model(prune_budget="gate")
     with torch.no_grad():
