@@ -199,10 +199,6 @@ def run(cfg: dict) -> str:
             model=model, args=args, train_dataset=dataset, eval_dataset=heldout, processing_class=tok,
             peft_config=peft_config,
         )
-        if len(trainer.train_dataset) == 0:
-            raise TrainConfigError(
-                f"max_length: every example lost its response to truncation at {args.max_length} tokens; raise max_length"
-            )
         before = heldout_loss(trainer) if heldout is not None else None
         trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     save_adapter_atomically(trainer, args.output_dir)
