@@ -116,6 +116,12 @@ class Engine:
         raise NotImplementedError
 
     @classmethod
+    def gather_many(cls, ts: list) -> list:
+        """The whole current values of `ts` (each held by this engine as a shard), detached. An engine
+        that can overrides it with one collective for all of them."""
+        return [cls.gather(t) for t in ts]
+
+    @classmethod
     def unsupported(cls, t, what: str) -> Optional[str]:
         return cls.refusal.format(what=what, t=t) if cls.refuses(t) else None
 
@@ -301,6 +307,22 @@ def gather(t: torch.Tensor) -> torch.Tensor:
     """The whole current value of a (small) sharded tensor, detached. Collective."""
     found = engine_of(t)
     return t.detach() if found is None else found.gather(t)
+
+
+@torch.no_grad()
+def gather_many(ts: list) -> list:
+    """`gather` of each of `ts`, in order: the tensors each engine holds as shards are gathered together
+    (`Engine.gather_many`), the whole ones returned detached. Collective."""
+    out = [t.detach() for t in ts]
+    held: dict = {}
+    for i, t in enumerate(ts):
+        found = engine_of(t)
+        if found is not None:
+            held.setdefault(found, []).append(i)
+    for found, idx in held.items():
+        for i, value in zip(idx, found.gather_many([ts[i] for i in idx])):
+            out[i] = value
+    return out
 
 
 def local_flat(w: torch.Tensor) -> tuple[torch.Tensor, int]:
