@@ -17,7 +17,10 @@ from collections import defaultdict
 
 LABELS = {
     "base": "base model (no training)", "lora8": "PEFT LoRA r=8", "lora4": "PEFT LoRA r=4",
-    "salora": "SaLoRA r=8, b=0.5 (schedule)", "salora_b0": "SaLoRA r=8, b=0.5, β=0 (no orth. term)", "salora_paper": "SaLoRA r=8, b=0.5 (paper control)",
+    "salora": "SaLoRA r=8, b=0.5 (schedule)", "salora_paper": "SaLoRA r=8, b=0.5 (paper control)",
+    "salora_b0": "SaLoRA probe: β=0 (no orth. term)", "salora_d1": "SaLoRA probe: b=1 (gates, no pruning)",
+    "salora_w10_30": "SaLoRA probe: window 0.1-0.3 (steps 3-7)", "salora_w20_30": "SaLoRA probe: window 0.2-0.3 (steps 6-7)",
+    "salora_w50_80": "SaLoRA probe: window 0.5-0.8 (steps 13-19)", "salora_glr1": "SaLoRA probe: gate_lr=1",
     "adalora": "PEFT AdaLoRA r=8→4", "delta0.5": "Delta-LoRA r=8 λ=0.5 (folded)", "delta2": "Delta-LoRA r=8 λ=2 (folded)",
     "cora_fb": "CoRA FB r=8", "cora_fb_alpaca": "CoRA FB r=8, basis from the alpaca fine-tune only", "cora_tb": "CoRA TB r=8",
 }
@@ -37,8 +40,10 @@ CLAIMS = [  # (claim, better system, than system)
 
 
 def load(path: str) -> list[dict]:
+    """The finished runs; of several lines of one run (a rerun that added the style scores) the last."""
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        rows = [json.loads(line) for line in f if line.strip()]
+    return list({(r["task"], r["system"], r["lr"], r["seed"], r["steps"]): r for r in rows}.values())
 
 
 def summarise(rows: list[dict]) -> dict[str, dict]:
@@ -78,6 +83,26 @@ def table(summary: dict) -> str:
         lines.append(f"| {LABELS[system]} | {lr} | {len(runs)} | {' | '.join(cells)} | {runs[0]['trainable']:,} | "
                      f"{kept:,.0f} | {wall:.0f} |")
     return "\n".join(lines)
+
+
+def style_table(summary: dict) -> str:
+    """eval-style ACC / BLEU / PPL per direction of the runs at the best lr that have them (mean over those runs)."""
+    dirs = ("neg2pos", "pos2neg")
+    head = " | ".join(f"{d.replace('2', '→')} {m}" for d in dirs for m in ("ACC ↑", "BLEU ↑", "PPL ↓"))
+    lines = [f"| system | seeds | {head} |", "|---|---|" + "---|" * 6]
+
+    def cells(styles: list[dict]) -> str:
+        return " | ".join(f"{statistics.mean(st[d][m] for st in styles):.1f}" for d in dirs for m in ("acc", "bleu", "ppl"))
+
+    base = summary.get("base", {}).get("runs", [{}])[0].get("style_yardsticks")
+    if base:
+        lines.append(f"| human rewrites (the references) | – | {cells([base['human']])} |")
+        lines.append(f"| source copied unchanged | – | {cells([base['copy']])} |")
+    for system in [s for s in LABELS if s in summary]:
+        styles = [r["style"] for r in summary[system]["runs"] if "style" in r]
+        if styles:
+            lines.append(f"| {LABELS[system]} | {len(styles)} | {cells(styles)} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def claims(summary: dict) -> str:
@@ -135,6 +160,10 @@ def main() -> None:
     print(table(summary))
     print()
     print(claims(summary))
+    styles = style_table(summary)
+    if styles:
+        print()
+        print(styles)
     if args.plot:
         plot(summary, args.plot)
         print(f"\nwrote {args.plot}")
