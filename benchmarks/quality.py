@@ -136,8 +136,28 @@ def kept_parameters(model, system: str) -> tuple[int, dict]:
     return sum(p.numel() for p in model.parameters() if p.requires_grad), {}
 
 
-def train(model, system: str, data, steps: int, lr: float, log=None) -> tuple[float, float]:
-    """Train `steps` steps of the batches in `data`; return the last 5 steps' mean loss and the seconds."""
+@torch.no_grad()
+def mean_gate(model) -> tuple[float, float]:
+    """SaLoRA: the mean over all ranks of the gate the next training step multiplies its rank by (its
+    expectation inside the window), weighted by the parameters each rank carries; and C."""
+    from loraforge.salora.layer import HardConcreteGate, expected_gate, prob_nonzero
+
+    num = den = c = 0.0
+    for m in model.modules():
+        for axis in getattr(m, "forge_axes", {}).get("default", []):
+            if not isinstance(axis, HardConcreteGate):
+                continue
+            cfg, la, w = axis.config, axis.logits().float(), m.in_features + m.out_features
+            gate = {"ones": torch.ones_like(la), "frozen": axis.frozen_gate.float(),
+                    "sample": expected_gate(la, cfg.temperature, cfg.gamma, cfg.zeta)}.get(axis.phase, axis.deterministic())
+            num, den = num + w * float(gate.sum()), den + w * la.numel()
+            c += w * float(prob_nonzero(la, cfg.temperature, cfg.gamma, cfg.zeta).sum())
+    return num / den, c / den
+
+
+def train(model, system: str, data, steps: int, lr: float, log=None, trace=None) -> tuple[float, float]:
+    """Train `steps` steps of the batches in `data`; return the last 5 steps' mean loss and the seconds.
+    `trace` (a list), for SaLoRA: gets (mean gate, C) before each step."""
     import loraforge
 
     drv = None
@@ -150,6 +170,8 @@ def train(model, system: str, data, steps: int, lr: float, log=None) -> tuple[fl
     model.train()
     losses, t0 = [], time.time()
     for step, batch in enumerate(data, start=1):
+        if trace is not None:
+            trace.append([round(v, 4) for v in mean_gate(model)])
         loss = model(**batch).loss  # AdaLoRA's forward adds its orthogonal term to this loss
         if drv is not None:
             reg = drv.regularization_loss()
@@ -321,8 +343,11 @@ def main(argv=None) -> int:
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
             start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
             data = qd.batches(train_ex, seed, args.steps, args.batch, pad)
-            last, wall = train(model, system, data, args.steps, lr, log)
+            trace = [] if system.startswith("salora") else None
+            last, wall = train(model, system, data, args.steps, lr, log, trace)
             kept, extra = kept_parameters(model, system)
+            if trace:
+                extra["gate_trace"] = trace  # per step: mean gate (parameter-weighted), C
             # How far training moved the trainable parameters (0 would mean the method never trained).
             extra["moved"] = sum(float((p.detach() - start[n]).pow(2).sum()) for n, p in model.named_parameters()
                                  if n in start) ** 0.5
