@@ -44,12 +44,13 @@ import quality_data as qd  # noqa: E402
 import quality_style  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-MAIN = ["lora8", "lora4", "salora", "adalora", "delta0.5", "cora_fb", "cora_tb"]
-EXTRA = ["salora_paper", "delta2"]
+MAIN = ["lora8", "lora4", "salora_paper", "salora", "adalora", "delta0.5", "cora_fb", "cora_tb"]
+EXTRA = ["delta2"]
 #: One-factor probes of a main system, run at that system's best lr (cause measurements, not a sweep).
 PROBES = {"salora_b0": "salora", "salora_d1": "salora", "salora_w10_30": "salora", "salora_w20_30": "salora",
           "salora_w50_80": "salora", "salora_glr1": "salora", "cora_fb_alpaca": "cora_fb"}
-#: The one SaLoRA setting each SaLoRA probe changes (window shares of the run: steps 2-7, 5-7, 12-19 of 24).
+#: The one setting each SaLoRA probe changes from `salora` (the "schedule" control); windows are shares of
+#: the run: gates on steps 3-7, 6-7 and 13-19 of 24.
 SALORA_PROBES = {"salora_b0": dict(orth_reg_weight=0.0), "salora_d1": dict(target_density=1.0),
                  "salora_w10_30": dict(window_start=0.1, window_end=0.3),
                  "salora_w20_30": dict(window_start=0.2, window_end=0.3),
@@ -74,8 +75,8 @@ def adapter_config(system: str, steps: int, basis: str | None):
                              tinit=start, tfinal=steps - end, deltaT=1, total_step=steps)
     if system in ("salora", "salora_paper"):
         return loraforge.SaLoRAConfig(**common, budget_control="paper" if system == "salora_paper" else "schedule")
-    if system in SALORA_PROBES:
-        return loraforge.SaLoRAConfig(**common, **SALORA_PROBES[system])
+    if system in SALORA_PROBES:  # probes of the "schedule" control, each with one setting changed
+        return loraforge.SaLoRAConfig(**common, budget_control="schedule", **SALORA_PROBES[system])
     if system.startswith("delta"):
         # The paper's K = 500 is for runs of thousands of steps; here W starts to move after 10% of the run.
         return loraforge.DeltaLoRAConfig(**common, update_ratio=float(system[5:]), start_step=max(1, steps // 10))
