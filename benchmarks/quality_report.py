@@ -137,7 +137,7 @@ def plot(summary: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    for system in [s for s in LABELS if s in summary and s != "base"]:
+    for system in [s for s in LABELS if s in summary and s != "base" and "probe" not in LABELS[s]]:  # probes: the table
         runs = summary[system]["runs"]
         m, sd = mean_sd([r["nll"]["all"] for r in runs])
         x = runs[0]["trainable"] / 1e6
