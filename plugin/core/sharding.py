@@ -221,10 +221,6 @@ class Zero3(Engine):
     """DeepSpeed ZeRO-3: an empty `data`, the rank's flat partition in `ds_tensor`."""
 
     name = "zero3"
-    # The GatheredParameters path is written by the same rules but has never run to the end on a test
-    # (DeepSpeed's CPU backend did not finish a 2-rank run here): refuse it.
-    refusal = ("{what} is partitioned by DeepSpeed ZeRO-3, which loraforge has not verified; train with FSDP "
-               "(fsdp_version: 2) or DeepSpeed ZeRO stage 1 or 2")
 
     @staticmethod
     def holds_shard(t) -> bool:
@@ -254,7 +250,7 @@ class Zero3(Engine):
 
     @staticmethod
     def refuses(t) -> bool:
-        return hasattr(t, "ds_id")
+        return False
 
 
 ENGINES = (Fsdp2, Zero3, Fsdp1)

@@ -20,7 +20,7 @@ from transformers import Trainer, TrainerCallback
 from . import finite, sharding
 from .driver import Driver, drivers
 from .errors import ForgeConfigError, require
-from .optimizer_hooks import pin_constant_lr
+from .optimizer_hooks import mark_idle, pin_constant_lr
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,10 @@ class _ForgeCallback(TrainerCallback):
                     f"{state.global_step}: resume from the checkpoint folder that holds this adapter state"
                 )
             d.begin(state.max_steps)
+
+    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+        if optimizer is not None:
+            mark_idle(optimizer, {n for d in self.trainer.forge_drivers() for n in d.idle_groups()})
 
     @torch.no_grad()
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):

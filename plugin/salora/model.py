@@ -181,6 +181,9 @@ class SaLoRAController(Controller):
         return [{"params": [a.log_alpha for a in self.axes], "lr": self.config.gate_lr, "weight_decay": 0.0,
                  CONSTANT_LR: self.config.gate_lr, "name": "salora_gates"}]
 
+    def idle_groups(self) -> set[str]:
+        return set() if self.in_window() else {"salora_gates"}
+
     def before_step(self) -> None:
         # Outside the window the logits must take no step: FSDP1 hands every parameter a gradient
         # (zeros where none flowed), which AdamW would turn into momentum and a step count.
