@@ -115,6 +115,11 @@ class Engine:
         """Whether `t` is laid out by this engine in a way loraforge cannot read."""
         raise NotImplementedError
 
+    @staticmethod
+    def shape(t) -> torch.Size:
+        """The whole tensor's shape."""
+        return t.shape
+
     @classmethod
     def gather_many(cls, ts: list) -> list:
         """The whole current values of `ts` (each held by this engine as a shard), detached. An engine
@@ -238,6 +243,10 @@ class Zero3(Engine):
             return t.detach().clone()
 
     @staticmethod
+    def shape(t) -> torch.Size:
+        return t.ds_shape
+
+    @staticmethod
     def local_flat(w):
         part = w.ds_tensor  # rank k holds elements [k·p, (k+1)·p) of the flat weight, the last one padded
         start = w.partition_numel() * torch.distributed.get_rank(group=w.ds_process_group)
@@ -347,7 +356,7 @@ def matvec(w: torch.Tensor, v: torch.Tensor, transposed: bool = False) -> torch.
         m = w.detach().to(v.dtype)
         return (m.T if transposed else m) @ v
     view, start = found.local_flat(w)
-    rows, cols = w.shape
+    rows, cols = found.shape(w)
     out = torch.zeros(cols if transposed else rows, dtype=v.dtype, device=v.device)
     idx = torch.arange(start, start + view.numel(), device=v.device)
     r, c = idx // cols, idx % cols

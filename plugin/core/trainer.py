@@ -40,6 +40,12 @@ class _ForgeCallback(TrainerCallback):
         finite.note_output_dir(args.output_dir)
         if optimizer is not None:  # the scheduler's first value (0 in a warmup) must not reach the gates
             pin_constant_lr(optimizer)
+        if state.global_step > 0 and getattr(self.trainer, "is_deepspeed_enabled", False):
+            # DeepSpeed's resume loads the module (the adapter's buffers) before its optimizer writes the
+            # trainable weights back from the fp32 partitions: re-read the adapter's state with both in place
+            # (in-place Delta-LoRA rebuilds W from the restored factors; ZeRO-3 saves no frozen weight).
+            for layer in {id(x): x for d in self.trainer.forge_drivers() for x in d.layers}.values():
+                layer.refresh_axes()
         for d in self.trainer.forge_drivers():
             if d.step != state.global_step:
                 raise RuntimeError(

@@ -128,8 +128,14 @@ def run(case: str, out: str, tag: str, sharded: bool) -> None:
     name = f"{'zero3' if sharded else 'single'}-{case}"
     model, tr = trainer(case, out, f"{name}-{tag}", sharded, logs)
     tr.train()
-    torch.save({"state": adapter_state(model, case), "logs": logs, "steps": loraforge.driver(model).step},
-               os.path.join(out, f"{name}.{tag}.pt"))
+    torch.save({"state": adapter_state(model, case), "logs": logs, "steps": loraforge.driver(model).step,
+                "engines": engines(model)}, os.path.join(out, f"{name}.{tag}.pt"))
+
+
+def engines(model) -> set:
+    """The engines holding the adapter's factors and the base weights as shards now (outside the forward)."""
+    layer = loraforge.driver(model).layers[0]
+    return {sharding.engine(t) for t in (layer.lora_A["default"].weight, layer.get_base_layer().weight)}
 
 
 def run_resume(case: str, out: str, tag: str) -> None:
