@@ -330,6 +330,27 @@ def gather_many(ts: list) -> list:
     return out
 
 
+@torch.no_grad()
+def written(ts: list) -> None:
+    """After an in-place write into trainable `ts` (their whole values, or the views `local_flat` gives):
+    make the copies a DeepSpeed optimizer keeps agree, or its next step writes the old values back. ZeRO-3
+    steps fp32 partitions and copies them into the rank's partition (`ds_tensor`) and, for a tensor it keeps
+    whole on every rank (under `stage3_param_persistence_threshold`), into `data` too; ZeRO-1/2 steps fp32
+    partitions of whole tensors. FSDP steps the shards themselves: nothing to do. Not a collective."""
+    for t in ts:
+        if hasattr(t, "ds_id"):
+            from deepspeed.utils import safe_set_local_fp32_param
+
+            if not Zero3.holds_shard(t):  # whole here: the rank's partition follows `data`
+                part, start = Zero3.local_flat(t)
+                part.copy_(t.data.view(-1)[start:start + part.numel()])
+            safe_set_local_fp32_param(t, t.ds_tensor)
+        elif hasattr(t, "_hp_mapping"):
+            from deepspeed.utils import safe_set_full_fp32_param
+
+            safe_set_full_fp32_param(t, t.data)
+
+
 def local_flat(w: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(a 1-D view of the elements of `w` this rank holds, their first index in the row-major whole)."""
     found = engine_of(w)

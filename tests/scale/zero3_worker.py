@@ -22,6 +22,7 @@ and train steps 5..8.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -41,9 +42,17 @@ from loraforge.core.layer import ForgeLinear  # noqa: E402
 
 GLOBAL_BATCH, MAX_STEPS, LENGTH = 8, 8, 16
 TARGETS = ["q_proj", "v_proj", "up_proj"]
-ZERO3 = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-         "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
-         "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}
+SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "example_configs", "axolotl", "zero3",
+                       "zero3.json")
+ENGINES = {
+    # every tensor partitioned, the adapter's too
+    "zero3": {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+              "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
+              "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"},
+    # the shipped config (Axolotl's zero3.json): the threshold is 10 x hidden size, so the adapter's tensors
+    # stay whole on every rank and the base weights are partitioned
+    "zero3_shipped": SHIPPED,
+}
 
 
 def config(case: str):
@@ -90,19 +99,20 @@ class Logged(loraforge.LoraForgeTrainer):
         self.add_callback(Record())
 
 
-def trainer(case: str, out: str, name: str, sharded: bool, logs: list, steps: int = MAX_STEPS, save: bool = False):
+def trainer(case: str, out: str, name: str, engine, logs: list, steps: int = MAX_STEPS, save: bool = False):
     from accelerate.state import AcceleratorState
     from peft import get_peft_model
     from transformers import TrainingArguments
 
     AcceleratorState._reset_state()  # one Accelerator per Trainer; the process state (gloo, DeepSpeed) stays
-    world = torch.distributed.get_world_size() if sharded else 1
-    engine = {"deepspeed": ZERO3, "accelerator_config": {"use_configured_state": True}} if sharded else {"use_cpu": True}
+    world = torch.distributed.get_world_size() if engine else 1
+    ds = json.load(open(ENGINES[engine])) if isinstance(ENGINES.get(engine), str) else ENGINES.get(engine)
+    launch = {"deepspeed": ds, "accelerator_config": {"use_configured_state": True}} if engine else {"use_cpu": True}
     args = TrainingArguments(
         output_dir=os.path.join(out, f"run-{name}"), per_device_train_batch_size=GLOBAL_BATCH // world,
         max_steps=steps, learning_rate=1e-2, lr_scheduler_type="constant", logging_steps=1,
         save_strategy="steps" if save else "no", save_steps=4, report_to=[], disable_tqdm=True, seed=0,
-        dataloader_num_workers=0, **engine)
+        dataloader_num_workers=0, **launch)
     model = get_peft_model(testing.tiny_llama(seed=0), config(case))
     return model, Logged(model=model, args=args, train_dataset=dataset(), logs=logs)
 
@@ -123,10 +133,10 @@ def adapter_state(model, case: str) -> dict:
     return state
 
 
-def run(case: str, out: str, tag: str, sharded: bool) -> None:
+def run(case: str, engine, out: str, tag: str) -> None:
     logs: list = []
-    name = f"{'zero3' if sharded else 'single'}-{case}"
-    model, tr = trainer(case, out, f"{name}-{tag}", sharded, logs)
+    name = f"{engine or 'single'}-{case}"
+    model, tr = trainer(case, out, f"{name}-{tag}", engine, logs)
     tr.train()
     torch.save({"state": adapter_state(model, case), "logs": logs, "steps": loraforge.driver(model).step,
                 "engines": engines(model)}, os.path.join(out, f"{name}.{tag}.pt"))
@@ -144,8 +154,7 @@ def run_resume(case: str, out: str, tag: str) -> None:
     logs: list = []
     name = f"zero3-{case}-resume"
     folder = os.path.join(out, f"run-{name}")  # shared by the ranks: DeepSpeed's checkpoint is one folder
-    _, first = trainer(case, out, name, True, logs, steps=MAX_STEPS, save=True)
-    first.args.max_steps = MAX_STEPS
+    _, first = trainer(case, out, name, "zero3", logs, save=True)
 
     class Stop(__import__("transformers").TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -155,7 +164,7 @@ def run_resume(case: str, out: str, tag: str) -> None:
     first.add_callback(Stop())
     first.train()  # "killed" after the checkpoint at step 4
     del first
-    model, second = trainer(case, out, name, True, logs, steps=MAX_STEPS, save=False)
+    model, second = trainer(case, out, name, "zero3", logs)
     second.train(resume_from_checkpoint=os.path.join(folder, "checkpoint-4"))
     assert loraforge.driver(model).step == MAX_STEPS
     torch.save({"state": adapter_state(model, case), "logs": logs, "steps": loraforge.driver(model).step},
@@ -165,7 +174,8 @@ def run_resume(case: str, out: str, tag: str) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-CASES = ["salora_paper", "delta_in_place", "delta_folded", "salora_schedule"]
+CASES = ["salora_paper", "salora_schedule", "delta_in_place", "delta_folded"]
+RUNS = [("zero3", case) for case in CASES] + [("zero3_shipped", "salora_schedule"), ("zero3_shipped", "delta_in_place")]
 RESUMES = ["salora_paper", "delta_in_place"]
 
 
@@ -175,7 +185,8 @@ def main(argv: list[str]) -> int:
     if sharded:
         use_deepspeed_on_cpu()
     tag = f"rank{torch.distributed.get_rank()}" if sharded else "single"
-    jobs = [(f"{'zero3' if sharded else 'single'}-{c}", lambda c=c: run(c, out, tag, sharded)) for c in CASES]
+    runs = RUNS if sharded else [(None, case) for case in CASES]
+    jobs = [(f"{e or 'single'}-{c}", lambda e=e, c=c: run(c, e, out, tag)) for e, c in runs]
     if sharded:
         jobs += [(f"zero3-{c}-resume", lambda c=c: run_resume(c, out, tag)) for c in RESUMES]
     for name, job in jobs:
