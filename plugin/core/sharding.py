@@ -235,12 +235,18 @@ class Zero3(Engine):
 
         return t.ds_status != ZeroParamStatus.AVAILABLE
 
-    @staticmethod
-    def gather(t):
+    @classmethod
+    def gather(cls, t):
+        return cls.gather_many([t])[0]
+
+    @classmethod
+    def gather_many(cls, ts: list) -> list:
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters([t], modifier_rank=None):
-            return t.detach().clone()
+        # One GatheredParameters over all of them: DeepSpeed all-gathers the partitions of a list of
+        # parameters in one coalesced call.
+        with deepspeed.zero.GatheredParameters(list(ts), modifier_rank=None):
+            return [t.detach().clone() for t in ts]
 
     @staticmethod
     def shape(t) -> torch.Size:
