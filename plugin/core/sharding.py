@@ -241,12 +241,17 @@ class Zero3(Engine):
 
     @classmethod
     def gather_many(cls, ts: list) -> list:
-        import deepspeed
-
-        # One GatheredParameters over all of them: DeepSpeed all-gathers the partitions of a list of
-        # parameters in one coalesced call.
-        with deepspeed.zero.GatheredParameters(list(ts), modifier_rank=None):
+        # DeepSpeed's own forward fetch: the partitions of all of them flattened into one all-gather (one per
+        # dtype); `GatheredParameters` over a list runs one all-gather per tensor (measured on gloo).
+        by_dtype: dict = {}
+        for t in ts:
+            by_dtype.setdefault(t.dtype, []).append(t)
+        for handle in [group[0].all_gather_coalesced(group) for group in by_dtype.values()]:
+            handle.wait()
+        try:
             return [t.detach().clone() for t in ts]
+        finally:
+            ts[0].partition(param_list=list(ts), has_been_updated=False)
 
     @staticmethod
     def shape(t) -> torch.Size:

@@ -52,6 +52,9 @@ ENGINES = {
     # the shipped config (Axolotl's zero3.json): the threshold is 10 x hidden size, so the adapter's tensors
     # stay whole on every rank and the base weights are partitioned
     "zero3_shipped": SHIPPED,
+    # ZeRO-2: whole tensors, fp32 master partitions in the optimizer
+    "zero2": {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
+              "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"},
 }
 
 
@@ -118,13 +121,12 @@ def trainer(case: str, out: str, name: str, engine, logs: list, steps: int = MAX
 
 
 def adapter_state(model, case: str) -> dict:
-    state = {}
+    """Every `lora_*` tensor whole: the parameters gathered in one `sharding.gather_many` call."""
+    params = {n: t for n, t in model.named_parameters() if ".lora_" in n}
+    state = dict(zip(params, sharding.gather_many(list(params.values()))))
     for name, m in model.named_modules():
         if not isinstance(m, ForgeLinear):
             continue
-        for n, t in m.named_parameters():
-            if "lora_" in n:
-                state[f"{name}.{n}"] = sharding.gather(t).clone()
         for n, t in m.named_buffers():
             if "lora_" in n:
                 state[f"{name}.{n}"] = t.detach().clone()
@@ -139,13 +141,29 @@ def run(case: str, engine, out: str, tag: str) -> None:
     model, tr = trainer(case, out, f"{name}-{tag}", engine, logs)
     tr.train()
     torch.save({"state": adapter_state(model, case), "logs": logs, "steps": loraforge.driver(model).step,
-                "engines": engines(model)}, os.path.join(out, f"{name}.{tag}.pt"))
+                "engines": engines(model), "gathers": gather_counts(model) if engine else None},
+               os.path.join(out, f"{name}.{tag}.pt"))
 
 
 def engines(model) -> set:
     """The engines holding the adapter's factors and the base weights as shards now (outside the forward)."""
     layer = loraforge.driver(model).layers[0]
     return {sharding.engine(t) for t in (layer.lora_A["default"].weight, layer.get_base_layer().weight)}
+
+
+def collectives(run) -> int:
+    """The process group's operations (barriers excluded) that `run()` makes."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        run()
+    return sum(1 for e in prof.events() if e.name.startswith("gloo:") and "barrier" not in e.name)
+
+
+def gather_counts(model) -> dict:
+    """Collectives to gather the adapter's factors: all in one `gather_many`, and one `gather` each."""
+    ts = [t for n, t in model.named_parameters() if ".lora_A." in n or ".lora_B." in n]
+    return {"tensors": len(ts), "sharded": sum(sharding.engine(t) is not None for t in ts),
+            "gather_many": collectives(lambda: sharding.gather_many(ts)),
+            "gather": collectives(lambda: [sharding.gather(t) for t in ts])}
 
 
 def run_resume(case: str, out: str, tag: str) -> None:
@@ -175,7 +193,8 @@ def run_resume(case: str, out: str, tag: str) -> None:
 
 
 CASES = ["salora_paper", "salora_schedule", "delta_in_place", "delta_folded"]
-RUNS = [("zero3", case) for case in CASES] + [("zero3_shipped", "salora_schedule"), ("zero3_shipped", "delta_in_place")]
+RUNS = [("zero3", case) for case in CASES] + [("zero3_shipped", "salora_schedule"), ("zero3_shipped", "delta_in_place"),
+                                              ("zero2", "salora_schedule")]
 RESUMES = ["salora_paper", "delta_in_place"]
 
 
