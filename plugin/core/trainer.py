@@ -62,7 +62,8 @@ class _ForgeCallback(TrainerCallback):
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
         if optimizer is not None:  # after the scheduler's step: the group shows the lr it will step at
             pin_constant_lr(optimizer)
-        # DeepSpeed ZeRO-1/2 steps a torch optimizer over flat fp32 master partitions, not over the
+            mark_idle(optimizer, set())  # the flags hold for one step only (a checkpoint saves none set)
+        # DeepSpeed ZeRO (1, 2, 3) steps a torch optimizer over flat fp32 master partitions, not over the
         # adapter's parameters, so the optimizer hook never sees this adapter: drive its post-step
         # work here, once per optimizer step (a driver the hook already advanced is at global_step).
         for d in self.trainer.forge_drivers():
