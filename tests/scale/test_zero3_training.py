@@ -114,6 +114,21 @@ def test_resume_from_zero3_checkpoint_equals_uninterrupted_run(runs, case):
     _check(runs, f"zero3-{case}-resume", case)
 
 
+@pytest.mark.parametrize("case", ["salora_paper", "delta_in_place", "delta_folded"])
+def test_adapter_saved_under_zero3_loads_in_one_process(runs, case):
+    """`trainer.save_model()` under ZeRO-3 (DeepSpeed gathers the 16-bit weights, rank 0 saves) writes an
+    adapter that loads onto the ORIGINAL base with the trained state (in place: W_0 + D rebuilt on load)."""
+    import loraforge
+    from loraforge import testing
+
+    one = load_result(runs, f"single-{case}", "single")["state"]
+    model = loraforge.load_adapter(testing.tiny_llama(seed=0), str(runs / f"adapter-zero3-{case}"))
+    loaded = {k: v for k, v in [*model.named_parameters(), *model.named_buffers()] if ".lora_" in k or k in one}
+    assert loaded.keys() == one.keys()
+    for key, value in one.items():
+        torch.testing.assert_close(loaded[key].detach(), value, atol=TOL, rtol=0, msg=lambda m: f"{key}: {m}")
+
+
 def test_gather_many_is_one_collective(runs):
     counts = load_result(runs, "zero3-salora_paper", "rank0")["gathers"]
     assert counts["tensors"] == counts["sharded"] == 2 * ADAPTED

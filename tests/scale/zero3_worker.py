@@ -14,7 +14,7 @@ hands it to the Trainer (`use_configured_state`). `stage3_param_persistence_thre
 every tensor, the adapter's small ones included (DeepSpeed's default keeps tensors under 1e5
 elements whole on every rank).
 
-Each run writes OUT/<run>.<tag>.pt: the whole adapter state (every `lora_*` parameter gathered and
+Each sharded run saves its adapter with `trainer.save_model()` to OUT/adapter-<run> and writes OUT/<run>.<tag>.pt: the whole adapter state (every `lora_*` parameter gathered and
 buffer; for in-place Delta-LoRA the base weights gathered) and the driver's logged values after every
 step. The resume runs train 4 steps with a checkpoint at step 4, then a fresh model and Trainer
 resume from it (DeepSpeed's own ZeRO-3 checkpoint: partitioned fp32 weights and optimizer state)
@@ -46,7 +46,8 @@ SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "
                        "zero3.json")
 ENGINES = {
     # every tensor partitioned, the adapter's too
-    "zero3": {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+    "zero3": {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
+                                    "stage3_gather_16bit_weights_on_model_save": True},
               "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
               "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"},
     # the shipped config (Axolotl's zero3.json): the threshold is 10 x hidden size, so the adapter's tensors
@@ -140,6 +141,8 @@ def run(case: str, engine, out: str, tag: str) -> None:
     name = f"{engine or 'single'}-{case}"
     model, tr = trainer(case, out, f"{name}-{tag}", engine, logs)
     tr.train()
+    if engine:  # the adapter as `save_model` writes it: gathered by DeepSpeed, saved by rank 0
+        tr.save_model(os.path.join(out, f"adapter-{name}"))
     torch.save({"state": adapter_state(model, case), "logs": logs, "steps": loraforge.driver(model).step,
                 "engines": engines(model), "gathers": gather_counts(model) if engine else None},
                os.path.join(out, f"{name}.{tag}.pt"))
