@@ -113,12 +113,7 @@ class Engine:
     @staticmethod
     def refuses(t) -> bool:
         """Whether `t` is laid out by this engine in a way loraforge cannot read."""
-        raise NotImplementedError
-
-    @staticmethod
-    def shape(t) -> torch.Size:
-        """The whole tensor's shape."""
-        return t.shape
+        return False
 
     @classmethod
     def gather_many(cls, ts: list) -> list:
@@ -241,8 +236,7 @@ class Zero3(Engine):
 
     @classmethod
     def gather_many(cls, ts: list) -> list:
-        # DeepSpeed's own forward fetch: the partitions of all of them flattened into one all-gather (one per
-        # dtype); `GatheredParameters` over a list runs one all-gather per tensor (measured on gloo).
+        # DeepSpeed's forward fetch: one flat all-gather per dtype (GatheredParameters: one per tensor, on gloo)
         by_dtype: dict = {}
         for t in ts:
             by_dtype.setdefault(t.dtype, []).append(t)
@@ -254,10 +248,6 @@ class Zero3(Engine):
             ts[0].partition(param_list=list(ts), has_been_updated=False)
 
     @staticmethod
-    def shape(t) -> torch.Size:
-        return t.ds_shape
-
-    @staticmethod
     def local_flat(w):
         part = w.ds_tensor  # rank k holds elements [k·p, (k+1)·p) of the flat weight, the last one padded
         start = w.partition_numel() * torch.distributed.get_rank(group=w.ds_process_group)
@@ -267,10 +257,6 @@ class Zero3(Engine):
     @staticmethod
     def replicas(w) -> int:
         return torch.distributed.get_world_size() // torch.distributed.get_world_size(group=w.ds_process_group)
-
-    @staticmethod
-    def refuses(t) -> bool:
-        return False
 
 
 ENGINES = (Fsdp2, Zero3, Fsdp1)
@@ -343,22 +329,18 @@ def gather_many(ts: list) -> list:
 
 @torch.no_grad()
 def written(ts: list) -> None:
-    """After an in-place write into trainable `ts` (their whole values, or the views `local_flat` gives):
-    make the copies a DeepSpeed optimizer keeps agree, or its next step writes the old values back. ZeRO-3
-    steps fp32 partitions and copies them into the rank's partition (`ds_tensor`) and, for a tensor it keeps
-    whole on every rank (under `stage3_param_persistence_threshold`), into `data` too; ZeRO-1/2 steps fp32
-    partitions of whole tensors. FSDP steps the shards themselves: nothing to do. Not a collective."""
+    """After an in-place write into trainable `ts` (whole values, or `local_flat` views): DeepSpeed's fp32
+    master copies take it, or the next step writes the old values back (ZeRO-3: also the rank's partition of
+    a tensor kept whole on every rank). FSDP steps the shards themselves. Not a collective."""
     for t in ts:
+        if hasattr(t, "ds_id") or hasattr(t, "_hp_mapping"):
+            from deepspeed.utils import safe_set_full_fp32_param, safe_set_local_fp32_param
         if hasattr(t, "ds_id"):
-            from deepspeed.utils import safe_set_local_fp32_param
-
             if not Zero3.holds_shard(t):  # whole here: the rank's partition follows `data`
                 part, start = Zero3.local_flat(t)
                 part.copy_(t.data.view(-1)[start:start + part.numel()])
             safe_set_local_fp32_param(t, t.ds_tensor)
-        elif hasattr(t, "_hp_mapping"):
-            from deepspeed.utils import safe_set_full_fp32_param
-
+        elif hasattr(t, "_hp_mapping"):  # ZeRO-1/2: whole tensors
             safe_set_full_fp32_param(t, t.data)
 
 
@@ -388,7 +370,7 @@ def matvec(w: torch.Tensor, v: torch.Tensor, transposed: bool = False) -> torch.
         m = w.detach().to(v.dtype)
         return (m.T if transposed else m) @ v
     view, start = found.local_flat(w)
-    rows, cols = found.shape(w)
+    rows, cols = getattr(w, "ds_shape", w.shape)  # ZeRO-3: `shape` is the empty data's
     out = torch.zeros(cols if transposed else rows, dtype=v.dtype, device=v.device)
     idx = torch.arange(start, start + view.numel(), device=v.device)
     r, c = idx // cols, idx % cols
