@@ -17,7 +17,9 @@ gathers A and B after each step (small) and writes only the rank's rows of W (in
 ZeRO-3 runs DeepSpeed's engine (`deepspeed.initialize`, its `backward` and `step`) with the
 persistence threshold Axolotl's zero3.json gives ("auto": 10 x hidden size), so small adapter
 tensors stay whole on every rank and the rest is partitioned. "collectives/step" counts the
-process group's operations (gloo / NCCL, barriers excluded) in one step after the timed rounds.
+process group's operations (gloo / NCCL, barriers excluded) in one step after the timed rounds; in
+brackets those inside loraforge's loss term and, under ZeRO-3, its post-step work (under DDP / FSDP
+the post-step work runs inside the optimizer's step and is not bracketed).
 """
 from __future__ import annotations
 
@@ -107,14 +109,15 @@ def build(method: str, engine: str, p: dict, device: torch.device):
 
 def step(wrapped, driver, opt, ids) -> None:
     loss = wrapped(input_ids=ids, labels=ids).loss
-    reg = driver.regularization_loss() if driver else None
+    with torch.profiler.record_function("loraforge"):
+        reg = driver.regularization_loss() if driver else None
     loss = loss if reg is None else loss + reg
     if hasattr(wrapped, "zero_optimization_stage"):  # a DeepSpeed engine steps its own optimizer
         done = driver.step if driver else 0
         wrapped.backward(loss)
         wrapped.step()
         if driver and driver.step == done:  # its optimizer steps fp32 partitions: no hook saw the adapter
-            with torch.no_grad():
+            with torch.no_grad(), torch.profiler.record_function("loraforge"):
                 driver.on_step_end()
         return
     loss.backward()
@@ -122,11 +125,15 @@ def step(wrapped, driver, opt, ids) -> None:
     opt.zero_grad(set_to_none=True)
 
 
-def collectives(run) -> int:
-    """The process group's operations (gloo / NCCL, barriers excluded) that one call of `run` makes."""
+def collectives(run) -> tuple[int, int]:
+    """The process group's operations (gloo / NCCL, barriers excluded) that one call of `run` makes, and how
+    many of them loraforge's loss term and (under ZeRO-3) its post-step work make themselves."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         run()
-    return sum(1 for e in prof.events() if e.name.startswith(("gloo:", "nccl:")) and "barrier" not in e.name)
+    events = prof.events()
+    ours = [e.time_range for e in events if e.name == "loraforge"]
+    ops = [e.time_range for e in events if e.name.startswith(("gloo:", "nccl:")) and "barrier" not in e.name]
+    return len(ops), sum(1 for t in ops if any(o.start <= t.start <= o.end for o in ours))
 
 
 def timed_steps(run, n: int, device) -> float:
@@ -175,13 +182,14 @@ def main() -> int:
         counts = {m: collectives(runs[m]) for m in METHODS}
         for m in METHODS:
             ratios = [t / ref for t, ref in zip(times[m], times["lora"])]
-            rows.append([engine, m, f"{median(ratios):.3f}", f"{median(times[m]) * 1e3:.1f}", str(counts[m])])
+            rows.append([engine, m, f"{median(ratios):.3f}", f"{median(times[m]) * 1e3:.1f}", "%d (%d)" % counts[m]])
         del built, runs
     if rank == 0:
         world = torch.distributed.get_world_size()
         print(f"preset {args.preset}: {world} ranks ({p['backend']}), batch {p['batch']}x{p['seq']} per rank, "
               f"{p['dtype']}, r=8 on {len(TARGETS)} linears x {p['layers']} layers; median of {p['rounds']} rounds")
-        print(table(rows, ["engine", "method", "step time x LoRA (same engine)", "ms/step", "collectives/step"]))
+        print(table(rows, ["engine", "method", "step time x LoRA (same engine)", "ms/step",
+                           "collectives/step (loraforge's own)"]))
         for engine in args.engines[1:]:
             print(f"LoRA under {engine} vs ddp: {base[engine] / base[args.engines[0]]:.3f}x")
     torch.distributed.destroy_process_group()
