@@ -169,13 +169,13 @@ def gather_counts(model) -> dict:
             "gather": collectives(lambda: [sharding.gather(t) for t in ts])}
 
 
-def run_resume(case: str, out: str, tag: str) -> None:
+def run_resume(case: str, engine: str, out: str, tag: str) -> None:
     """4 steps with a checkpoint at step 4 (every rank writes its partitions), then a fresh model and Trainer
     resume from it to step 8."""
     logs: list = []
-    name = f"zero3-{case}-resume"
+    name = f"{engine}-{case}-resume"
     folder = os.path.join(out, f"run-{name}")  # shared by the ranks: DeepSpeed's checkpoint is one folder
-    _, first = trainer(case, out, name, "zero3", logs, save=True)
+    _, first = trainer(case, out, name, engine, logs, save=True)
 
     class Stop(__import__("transformers").TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -185,7 +185,7 @@ def run_resume(case: str, out: str, tag: str) -> None:
     first.add_callback(Stop())
     first.train()  # "killed" after the checkpoint at step 4
     del first
-    model, second = trainer(case, out, name, "zero3", logs)
+    model, second = trainer(case, out, name, engine, logs)
     second.train(resume_from_checkpoint=os.path.join(folder, "checkpoint-4"))
     assert loraforge.driver(model).step == MAX_STEPS
     torch.save({"state": adapter_state(model, case), "logs": logs, "steps": loraforge.driver(model).step},
@@ -198,7 +198,8 @@ def run_resume(case: str, out: str, tag: str) -> None:
 CASES = ["salora_paper", "salora_schedule", "delta_in_place", "delta_folded"]
 RUNS = [("zero3", case) for case in CASES] + [("zero3_shipped", "salora_schedule"), ("zero3_shipped", "delta_in_place"),
                                               ("zero2", "salora_schedule")]
-RESUMES = ["salora_paper", "delta_in_place"]
+RESUMES = [("zero3", "salora_paper"), ("zero3", "delta_in_place"), ("zero3", "delta_folded"),
+           ("zero3_shipped", "delta_in_place"), ("zero3_shipped", "salora_paper")]
 
 
 def main(argv: list[str]) -> int:
@@ -210,7 +211,7 @@ def main(argv: list[str]) -> int:
     runs = RUNS if sharded else [(None, case) for case in CASES]
     jobs = [(f"{e or 'single'}-{c}", lambda e=e, c=c: run(c, e, out, tag)) for e, c in runs]
     if sharded:
-        jobs += [(f"zero3-{c}-resume", lambda c=c: run_resume(c, out, tag)) for c in RESUMES]
+        jobs += [(f"{e}-{c}-resume", lambda e=e, c=c: run_resume(c, e, out, tag)) for e, c in RESUMES]
     for name, job in jobs:
         if only and name not in only:
             continue
