@@ -113,7 +113,7 @@ class Engine:
     @staticmethod
     def refuses(t) -> bool:
         """Whether `t` is laid out by this engine in a way loraforge cannot read."""
-        raise NotImplementedError
+        return False
 
     @classmethod
     def gather_many(cls, ts: list) -> list:
@@ -221,10 +221,6 @@ class Zero3(Engine):
     """DeepSpeed ZeRO-3: an empty `data`, the rank's flat partition in `ds_tensor`."""
 
     name = "zero3"
-    # The GatheredParameters path is written by the same rules but has never run to the end on a test
-    # (DeepSpeed's CPU backend did not finish a 2-rank run here): refuse it.
-    refusal = ("{what} is partitioned by DeepSpeed ZeRO-3, which loraforge has not verified; train with FSDP "
-               "(fsdp_version: 2) or DeepSpeed ZeRO stage 1 or 2")
 
     @staticmethod
     def holds_shard(t) -> bool:
@@ -234,12 +230,22 @@ class Zero3(Engine):
 
         return t.ds_status != ZeroParamStatus.AVAILABLE
 
-    @staticmethod
-    def gather(t):
-        import deepspeed
+    @classmethod
+    def gather(cls, t):
+        return cls.gather_many([t])[0]
 
-        with deepspeed.zero.GatheredParameters([t], modifier_rank=None):
-            return t.detach().clone()
+    @classmethod
+    def gather_many(cls, ts: list) -> list:
+        # DeepSpeed's forward fetch: one flat all-gather per dtype (GatheredParameters: one per tensor, on gloo)
+        by_dtype: dict = {}
+        for t in ts:
+            by_dtype.setdefault(t.dtype, []).append(t)
+        for handle in [group[0].all_gather_coalesced(group) for group in by_dtype.values()]:
+            handle.wait()
+        try:
+            return [t.detach().clone() for t in ts]
+        finally:
+            ts[0].partition(param_list=list(ts), has_been_updated=False)
 
     @staticmethod
     def local_flat(w):
@@ -251,10 +257,6 @@ class Zero3(Engine):
     @staticmethod
     def replicas(w) -> int:
         return torch.distributed.get_world_size() // torch.distributed.get_world_size(group=w.ds_process_group)
-
-    @staticmethod
-    def refuses(t) -> bool:
-        return hasattr(t, "ds_id")
 
 
 ENGINES = (Fsdp2, Zero3, Fsdp1)
@@ -325,6 +327,23 @@ def gather_many(ts: list) -> list:
     return out
 
 
+@torch.no_grad()
+def written(ts: list) -> None:
+    """After an in-place write into trainable `ts` (whole values, or `local_flat` views): DeepSpeed's fp32
+    master copies take it, or the next step writes the old values back (ZeRO-3: also the rank's partition of
+    a tensor kept whole on every rank). FSDP steps the shards themselves. Not a collective."""
+    for t in ts:
+        if hasattr(t, "ds_id") or hasattr(t, "_hp_mapping"):
+            from deepspeed.utils import safe_set_full_fp32_param, safe_set_local_fp32_param
+        if hasattr(t, "ds_id"):
+            if not Zero3.holds_shard(t):  # whole here: the rank's partition follows `data`
+                part, start = Zero3.local_flat(t)
+                part.copy_(t.data.view(-1)[start:start + part.numel()])
+            safe_set_local_fp32_param(t, t.ds_tensor)
+        elif hasattr(t, "_hp_mapping"):  # ZeRO-1/2: whole tensors
+            safe_set_full_fp32_param(t, t.data)
+
+
 def local_flat(w: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(a 1-D view of the elements of `w` this rank holds, their first index in the row-major whole)."""
     found = engine_of(w)
@@ -351,7 +370,7 @@ def matvec(w: torch.Tensor, v: torch.Tensor, transposed: bool = False) -> torch.
         m = w.detach().to(v.dtype)
         return (m.T if transposed else m) @ v
     view, start = found.local_flat(w)
-    rows, cols = w.shape
+    rows, cols = getattr(w, "ds_shape", w.shape)  # ZeRO-3: `shape` is the empty data's
     out = torch.zeros(cols if transposed else rows, dtype=v.dtype, device=v.device)
     idx = torch.arange(start, start + view.numel(), device=v.device)
     r, c = idx // cols, idx % cols

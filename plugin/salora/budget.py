@@ -107,8 +107,10 @@ class ScheduleBudget:
 
     def begin(self) -> None:
         # It moves every logit after the step from C over ALL of them (`_land`): on sharded logits each
-        # rank would solve for its own shard. Not built yet: refuse it.
-        where = next((sharding.engine(a.log_alpha) for a in self.c.axes if sharding.engine(a.log_alpha)), None)
+        # rank would solve for its own shard. Not built yet: refuse it. (ZeRO-3 keeps tensors under its
+        # persistence threshold whole on every rank from the first forward on: those it runs on.)
+        where = next((sharding.engine(a.log_alpha) for a in self.c.axes
+                      if sharding.engine(a.log_alpha) and not getattr(a.log_alpha, "ds_persist", False)), None)
         require(where is None, "budget_control",
                 f"'schedule' does not run on {where}-sharded gate logits yet; set budget_control='paper' under "
                 "FSDP / ZeRO-3 (or train with DDP, where the schedule works). No parameter has been updated.")
@@ -183,6 +185,7 @@ class ScheduleBudget:
         sizes = self.c.sampler.sizes
         parts = la.view(len(sizes), sizes[0]).unbind(0) if self.c.sampler.same_rank else la.split(sizes)
         torch._foreach_copy_([a.log_alpha.data for a in self.c.axes], list(parts))
+        sharding.written([a.log_alpha for a in self.c.axes])  # DeepSpeed's fp32 master copies too
 
     def _land(self, la: torch.Tensor, target: float) -> tuple[torch.Tensor, torch.Tensor]:
         """`la` (all logits, float32) moved by -μ·∂C/∂logit, scaled so the largest move is |μ| <= 1 logit
