@@ -35,7 +35,7 @@ PRESETS = {
                 steps=10, warmup=3, rounds=5, device="cuda", backend="nccl"),
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-METHODS = ["lora", "salora", "delta_folded", "delta_in_place"]
+METHODS = ["lora", "salora", "salora_paper", "delta_folded", "delta_in_place"]
 ENGINES = ["ddp", "fsdp2", "fsdp1"]
 
 
@@ -46,8 +46,9 @@ def adapter_config(method: str, steps: int):
     common = dict(r=8, lora_alpha=16, target_modules=TARGETS, lora_dropout=0.0)
     if method == "lora":
         return LoraConfig(**common)
-    if method == "salora":  # window over the whole run: every timed step is inside it
-        return loraforge.SaLoRAConfig(**common, window_start=0, window_end=10 ** 6)
+    if method.startswith("salora"):  # window over the whole run: every timed step is inside it
+        budget = dict(budget_control="paper") if method == "salora_paper" else {}  # "salora": the default schedule
+        return loraforge.SaLoRAConfig(**common, window_start=0, window_end=10 ** 6, **budget)
     return loraforge.DeltaLoRAConfig(**common, start_step=0, update_ratio=2.0, propagation=method.split("_", 1)[1])
 
 
@@ -67,7 +68,7 @@ def build(method: str, engine: str, p: dict, device: torch.device):
     model = LlamaForCausalLM(cfg).to(getattr(torch, p["dtype"])).to(device)
     peft_model = get_peft_model(model, adapter_config(method, p["steps"]))
     if engine == "ddp":
-        wrapped = torch.nn.parallel.DistributedDataParallel(peft_model, find_unused_parameters=method == "salora")
+        wrapped = torch.nn.parallel.DistributedDataParallel(peft_model, find_unused_parameters=method.startswith("salora"))
     elif engine == "fsdp2":
         mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
         for layer in peft_model.base_model.model.model.layers:
@@ -109,6 +110,16 @@ def timed_steps(run, n: int, device) -> float:
     return float(elapsed) / n
 
 
+def collectives_per_step(run) -> int:
+    """The collectives one step calls on this rank (`loraforge.testing.CollectiveCounter`: torch.distributed's and
+    DTensor's functional ones), the engine's own included; the method's share is the difference to LoRA's."""
+    from loraforge.testing import CollectiveCounter
+
+    with CollectiveCounter() as counter:
+        run()
+    return counter.count
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
@@ -138,15 +149,18 @@ def main() -> int:
             for m in METHODS:
                 times[m].append(timed_steps(runs[m], p["steps"], device))
         base[engine] = median(times["lora"])
+        counts = {m: collectives_per_step(runs[m]) for m in METHODS}  # one more step each, untimed
         for m in METHODS:
             ratios = [t / ref for t, ref in zip(times[m], times["lora"])]
-            rows.append([engine, m, f"{median(ratios):.3f}", f"{median(times[m]) * 1e3:.1f}"])
+            rows.append([engine, m, f"{median(ratios):.3f}", f"{median(times[m]) * 1e3:.1f}", str(counts[m]),
+                         f"{counts[m] - counts['lora']:+d}"])
         del built, runs
     if rank == 0:
         world = torch.distributed.get_world_size()
         print(f"preset {args.preset}: {world} ranks ({p['backend']}), batch {p['batch']}x{p['seq']} per rank, "
               f"{p['dtype']}, r=8 on {len(TARGETS)} linears x {p['layers']} layers; median of {p['rounds']} rounds")
-        print(table(rows, ["engine", "method", "step time x LoRA (same engine)", "ms/step"]))
+        print(table(rows, ["engine", "method", "step time x LoRA (same engine)", "ms/step", "collectives/step",
+                           "vs LoRA"]))
         for engine in args.engines[1:]:
             print(f"LoRA under {engine} vs ddp: {base[engine] / base[args.engines[0]]:.3f}x")
     torch.distributed.destroy_process_group()

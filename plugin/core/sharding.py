@@ -33,6 +33,8 @@ from typing import Optional
 
 import torch
 
+from . import flat_gather
+
 try:
     from torch.distributed.tensor import DTensor, Replicate, Shard
 except ImportError:  # torch built without distributed
@@ -122,6 +124,11 @@ class Engine:
         return [cls.gather(t) for t in ts]
 
     @classmethod
+    def whole_many(cls, ts: list) -> list:
+        """The whole values of `ts` carrying their gradients back to the shards (`differentiable` engines)."""
+        raise NotImplementedError
+
+    @classmethod
     def unsupported(cls, t, what: str) -> Optional[str]:
         return cls.refusal.format(what=what, t=t) if cls.refuses(t) else None
 
@@ -141,6 +148,20 @@ class Fsdp2(Engine):
     @staticmethod
     def gather(t):
         return t.detach().full_tensor()
+
+    @classmethod
+    def gather_many(cls, ts: list) -> list:
+        plan = flat_gather.rows_plan(ts)
+        if plan is None:
+            return [cls.gather(t) for t in ts]
+        return plan.unpack(plan.all_gather([t.detach().to_local() for t in ts]))
+
+    @classmethod
+    def whole_many(cls, ts: list) -> list:
+        plan = flat_gather.rows_plan(ts)
+        if plan is None:
+            return [t.full_tensor() for t in ts]
+        return list(flat_gather.WholeRows.apply(plan, *[t.to_local() for t in ts]))
 
     @staticmethod
     def local_flat(w):
@@ -200,6 +221,17 @@ class Fsdp1(Engine):
             s, k = m.tolist()
             out[s:s + k] = p[:k]
         return out.view(shape)
+
+    @classmethod
+    def gather_many(cls, ts: list) -> list:
+        plan = flat_gather.ranges_plan(ts, cls._own_range, lambda t: tuple(_flat_of(t)[0]._shapes[_flat_of(t)[1]]))
+        return plan.gather([t.detach().reshape(-1)[:cls._own_range(t)[1]] for t in ts])
+
+    @staticmethod
+    def _own_range(t) -> tuple[int, int]:
+        flat, i = _flat_of(t)
+        info = flat._shard_param_infos[i]
+        return (info.intra_param_start_idx, info.numel_in_shard) if info.in_shard else (0, 0)
 
     @staticmethod
     def local_flat(w):
@@ -300,6 +332,28 @@ def whole(layer, name: str, adapter: str) -> torch.Tensor:
                                "must follow the model's forward (or read it under torch.no_grad())")
         return seen
     return gather(t)
+
+
+def whole_many(layers_names: list) -> list:
+    """`whole(layer, name, adapter)` of each `(layer, name, adapter)`, in order, with one collective per
+    engine (FSDP2 in grad mode: one all-gather whose backward hands each rank its rows of the gradient,
+    as `full_tensor()` does per tensor; FSDP1 / ZeRO-3 in grad mode: what the forward captured, no
+    collective)."""
+    ts = [tensor_of(*item) for item in layers_names]
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in ts)):
+        return gather_many(ts)
+    out: list = [None] * len(ts)
+    held: dict = {}
+    for i, (item, t) in enumerate(zip(layers_names, ts)):
+        found = engine_of(t)
+        if found is not None and found.differentiable and t.requires_grad:
+            held.setdefault(found, []).append(i)
+        else:
+            out[i] = whole(*item)
+    for found, idx in held.items():
+        for i, value in zip(idx, found.whole_many([ts[i] for i in idx])):
+            out[i] = value
+    return out
 
 
 @torch.no_grad()

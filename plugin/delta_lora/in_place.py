@@ -42,8 +42,8 @@ class InPlacePropagation(DeltaPropagation):
         b, a = self.factors()
         self.applied, self.applied_snapshot = (b.detach().clone(), a.detach().clone()), None  # D = 0 is in W
 
-    def after_step(self) -> None:
-        self.propagate()
+    def after_step(self, factors: Optional[tuple] = None) -> None:
+        self.propagate(factors)
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         """W and the fp32 residual, saved with trainer checkpoints (core/checkpoint.py). Rebuilding W from
@@ -69,11 +69,11 @@ class InPlacePropagation(DeltaPropagation):
         self.applied_snapshot = None
 
     @torch.no_grad()
-    def propagate(self) -> None:
-        """After an optimizer step t > K: `W += λ·s·(P_{t+1} - P_t)`."""
+    def propagate(self, factors: Optional[tuple] = None) -> None:
+        """After an optimizer step t > K: `W += λ·s·(P_{t+1} - P_t)` (`factors`: (B, A) now, read already)."""
         if self.applied is None or self.applied_snapshot is not None:
-            return self._write_difference(self.target())  # after an interrupted load: the general path
-        b, a = self.factors()
+            return self._write_difference(self.target(factors))  # after an interrupted load: the general path
+        b, a = factors or self.factors()
         w, (b_old, a_old) = self.layer.get_base_layer().weight, self.applied
         if sharding.engine(w) is None and w.dtype not in HALF and w.dtype == b.dtype == a.dtype == b_old.dtype:
             # W += coef·[B, B_old] [A; -A_old]: one rank-2r product accumulated into W (the difference is formed

@@ -1,0 +1,188 @@
+"""One all-gather for many small sharded tensors: what `core/sharding.py`'s `gather_many` and
+`whole_many` run for FSDP2 and FSDP1.
+
+Each rank concatenates the elements it holds of every tensor into one buffer (padded to the
+longest rank's), one `all_gather_into_tensor` brings every rank's buffer, and one index op puts the
+elements where they sit in the whole tensors, concatenated. Where each rank's elements go depends
+only on the layout, which is static, so it is computed once per set of tensors (a `_Plan`) and kept:
+- FSDP2 (`rows_plan`): a DTensor split by rows (`Shard(0)` on one mesh dimension, `Replicate` on the
+  others) holds, on coordinate i of that dimension's k ranks, rows [i·c, (i+1)·c) cut to the tensor
+  (c = ceil(rows / k): `torch.chunk`'s split); the gather runs in that dimension's group.
+- FSDP1 (`ranges_plan`): a `use_orig_params=True` parameter is any contiguous range of its row-major
+  elements (possibly none), read from the rank's flat parameter; the ranges of all ranks are
+  exchanged once per parameter (one all-gather for all the new ones) and the data gathered over all
+  ranks (with HYBRID_SHARD several ranks hold an element: they hold the same value).
+The values are carried in the widest dtype of the set and cast back, which is exact.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Optional
+
+import torch
+
+
+def _all_gather(out: torch.Tensor, buf: torch.Tensor, group=None) -> None:
+    dist = torch.distributed  # all_gather_single: all_gather_into_tensor's newer name
+    (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, buf, group=group)
+
+
+class _Plan:
+    """Where the elements of each rank's buffer go in the whole tensors (concatenated, row-major)."""
+
+    def __init__(self, shapes, dtypes, group, world: int, width: int, src: torch.Tensor, dst: torch.Tensor,
+                 local: Optional[torch.Tensor] = None) -> None:
+        self.shapes, self.dtypes, self.group, self.world, self.width = shapes, dtypes, group, world, width
+        self.numels = [int(torch.Size(s).numel()) for s in shapes]
+        self.dtype = dtypes[0]
+        for d in dtypes[1:]:
+            self.dtype = torch.promote_types(self.dtype, d)
+        self.total = sum(self.numels)
+        # whole[dst] = gathered[src]; `local`: where this rank's buffer elements sit in the whole (rows plan)
+        self.src, self.dst, self.local = src, dst, local
+        self.identity = bool(dst.numel() == self.total and torch.equal(dst, torch.arange(self.total)))
+
+    def all_gather(self, pieces: list[torch.Tensor]) -> torch.Tensor:
+        """The whole tensors concatenated (flat, in the plan's dtype) from this rank's `pieces` (its elements
+        of each tensor, in order). One collective."""
+        device = pieces[0].device
+        buf = torch.zeros(self.width, dtype=self.dtype, device=device)
+        n = sum(p.numel() for p in pieces)
+        if n:
+            torch.cat([p.reshape(-1).to(self.dtype) for p in pieces], out=buf[:n])
+        out = torch.empty(self.world * self.width, dtype=self.dtype, device=device)
+        _all_gather(out, buf, group=self.group)
+        if self.src.device != device:
+            self.src, self.dst = self.src.to(device), self.dst.to(device)
+            self.local = None if self.local is None else self.local.to(device)
+        if self.identity:
+            return out.index_select(0, self.src)
+        whole = torch.empty(self.total, dtype=self.dtype, device=device)
+        whole[self.dst] = out.index_select(0, self.src)
+        return whole
+
+    def unpack(self, whole: torch.Tensor) -> list[torch.Tensor]:
+        return [w.view(s) if w.dtype == d else w.view(s).to(d)
+                for w, s, d in zip(whole.split(self.numels), self.shapes, self.dtypes)]
+
+    def gather(self, pieces: list[torch.Tensor]) -> list[torch.Tensor]:
+        return self.unpack(self.all_gather(pieces))
+
+
+def _index(pieces: list[tuple[int, int, int]]) -> torch.Tensor:
+    """Concatenated ranges [a, a + n) for each (a, n, _)."""
+    parts = [torch.arange(a, a + n) for a, n, _ in pieces if n]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+
+
+def _plan_from_ranges(shapes: list, dtypes: list, ranges: list[list[tuple[int, int]]], group, world: int, me: int,
+                      with_local: bool) -> _Plan:
+    """`ranges[i][j]`: (first element, count) of whole tensor j (`shapes[j]`) that rank i (of `world` in
+    `group`) holds."""
+    numels = [int(torch.Size(s).numel()) for s in shapes]
+    bases = [sum(numels[:j]) for j in range(len(shapes))]
+    width = max(1, max(sum(n for _, n in per_rank) for per_rank in ranges))
+    src, dst, local = [], [], []
+    for i, per_rank in enumerate(ranges):
+        off = 0
+        for j, (start, n) in enumerate(per_rank):
+            src.append((i * width + off, n, j))
+            dst.append((bases[j] + start, n, j))
+            if i == me:
+                local.append((bases[j] + start, n, j))
+            off += n
+    src_i, dst_i = _index(src), _index(dst)
+    if dst_i.numel() == sum(numels):  # each element held once (no replicas): gather straight into order
+        order = torch.argsort(dst_i)
+        src_i, dst_i = src_i[order], dst_i[order]
+    return _Plan([tuple(s) for s in shapes], list(dtypes), group, world, width, src_i, dst_i,
+                 _index(local) if with_local else None)
+
+
+# FSDP2 -------------------------------------------------------------------------------------------
+_ROWS: dict = {}
+
+
+def rows_plan(ts: list) -> Optional[_Plan]:
+    """The plan for DTensors all on one mesh with the same placements, rows split on one mesh dimension;
+    None for any other layout (the caller gathers them one by one)."""
+    from torch.distributed.tensor import Shard
+
+    mesh, placements = ts[0].device_mesh, tuple(ts[0].placements)
+    shard_dims = [d for d, p in enumerate(placements) if isinstance(p, Shard)]
+    if len(shard_dims) != 1 or placements[shard_dims[0]].dim != 0:
+        return None
+    if any(t.device_mesh is not mesh or tuple(t.placements) != placements for t in ts):
+        return None
+    key = (id(mesh), placements, tuple((tuple(t.shape), t.dtype) for t in ts))
+    entry = _ROWS.get(key)
+    if entry is not None and entry[0]() is mesh:
+        return entry[1]
+    d = shard_dims[0]
+    world, me = mesh.size(d), mesh.get_local_rank(d)
+    ranges = []
+    for i in range(world):
+        per_rank = []
+        for t in ts:
+            rows, row = t.shape[0], int(torch.Size(t.shape[1:]).numel())
+            c = -(-rows // world)
+            r0, r1 = min(i * c, rows), min((i + 1) * c, rows)
+            per_rank.append((r0 * row, (r1 - r0) * row))
+        ranges.append(per_rank)
+    if any(n != t.to_local().numel() for (_, n), t in zip(ranges[me], ts)):
+        return None  # not torch.chunk's split: read them one by one
+    plan = _plan_from_ranges([t.shape for t in ts], [t.dtype for t in ts], ranges, mesh.get_group(d), world, me,
+                             with_local=True)
+    _ROWS[key] = (weakref.ref(mesh), plan)
+    return plan
+
+
+class WholeRows(torch.autograd.Function):
+    """The whole tensors from the ranks' local rows, one all-gather; backward hands this rank the rows of
+    the gradient it holds (what `DTensor.full_tensor()`'s backward does, without a collective)."""
+
+    @staticmethod
+    def forward(ctx, plan: _Plan, *locals_: torch.Tensor):
+        ctx.plan, ctx.local_shapes = plan, [(x.shape, x.dtype) for x in locals_]
+        with torch.no_grad():
+            return tuple(plan.gather(list(locals_)))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        plan = ctx.plan
+        device = next((g.device for g in grads if g is not None), plan.local.device)
+        flat = torch.cat([(g.reshape(-1) if g is not None else torch.zeros(n, device=device)).to(plan.dtype)
+                          for g, n in zip(grads, plan.numels)])
+        mine = flat.index_select(0, plan.local.to(device))
+        sizes = [int(torch.Size(s).numel()) for s, _ in ctx.local_shapes]
+        return (None, *[g.view(s).to(d) for g, (s, d) in zip(mine.split(sizes), ctx.local_shapes)])
+
+
+# FSDP1 -------------------------------------------------------------------------------------------
+_RANGES: dict = {}  # id(parameter) -> (weak ref to it, ((start, count) on each rank))
+_PLANS: dict = {}  # ids of a set of parameters -> (weak refs, plan)
+
+
+def ranges_plan(ts: list, own_range, whole_shape) -> _Plan:
+    """The plan for FSDP1 parameters (`own_range(t)`: (start, count) of `t` on this rank; `whole_shape(t)`).
+    Collective the first time a parameter is seen (its ranges on every rank), then free."""
+    dist = torch.distributed
+    key = tuple(id(t) for t in ts)
+    entry = _PLANS.get(key)
+    if entry is not None and all(r() is t for r, t in zip(entry[0], ts)):
+        return entry[1]
+    world, me = dist.get_world_size(), dist.get_rank()
+    new = [t for t in ts if _RANGES.get(id(t), (lambda: None,))[0]() is not t]
+    if new:
+        mine = torch.tensor([v for t in new for v in own_range(t)], dtype=torch.long, device=ts[0].device)
+        every = torch.empty(world * mine.numel(), dtype=torch.long, device=mine.device)
+        _all_gather(every, mine)
+        every = every.view(world, len(new), 2).tolist()
+        for j, t in enumerate(new):
+            _RANGES[id(t)] = (weakref.ref(t), tuple(tuple(every[i][j]) for i in range(world)))
+    ranges = [[_RANGES[id(t)][1][i] for t in ts] for i in range(world)]
+    plan = _plan_from_ranges([whole_shape(t) for t in ts], [t.dtype for t in ts], ranges, None, world, me,
+                             with_local=False)
+    _PLANS[key] = (tuple(weakref.ref(t) for t in ts), plan)
+    return plan
+
