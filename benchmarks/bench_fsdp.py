@@ -8,10 +8,14 @@ Per engine, the methods run round-robin (`--rounds` rounds of `--steps` timed Ad
 `--warmup`), each round's time is the slowest rank's wall time (barrier before and after), and the
 table prints the median over rounds of each method's time divided by LoRA's of the same round.
 The hand loop is the one `LoraForgeTrainer` runs (loss + `regularization_loss()`, driver param
-groups); SaLoRA is timed inside its window (gates sampled, density and λ term, λ update), where it
-does the most work. What sharding adds for the methods is in `core/sharding.py`: SaLoRA gathers
-its A, B and logits once per step for the loss (FSDP2; FSDP1 reuses the forward's), Delta-LoRA
-gathers A and B after each step (small) and writes only the rank's rows of W (in place).
+groups); SaLoRA (the default "schedule" budget control; salora_paper: "paper") is timed inside its
+window (gates sampled, density and budget work), where it does the most work. What sharding adds for
+the methods is in `core/sharding.py`: SaLoRA reads its A, B (and, "paper", its logits) for the loss in
+one all-gather per step (FSDP2; FSDP1 reuses the forward's), the schedule control gathers all logits
+once after the step; in-place Delta-LoRA gathers all A and B once after the step and writes only the
+rank's elements of W. The table also counts the collectives one step calls on a rank (the engine's
+own included; "vs LoRA": what the method adds, 2 of them the non-finite guard's, before and after
+the optimizer step).
 """
 from __future__ import annotations
 

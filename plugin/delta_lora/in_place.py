@@ -37,9 +37,10 @@ class InPlacePropagation(DeltaPropagation):
         super().__init__(layer, adapter, config)
 
     @torch.no_grad()
-    def snapshot(self, step: int) -> None:
-        super().snapshot(step)
-        b, a = self.factors()
+    def snapshot(self, step: int, factors: Optional[tuple] = None) -> None:
+        factors = factors or self.factors()
+        super().snapshot(step, factors)
+        b, a = factors
         self.applied, self.applied_snapshot = (b.detach().clone(), a.detach().clone()), None  # D = 0 is in W
 
     def after_step(self, factors: Optional[tuple] = None) -> None:

@@ -118,9 +118,9 @@ class DeltaPropagation(Axis):
 
     # training -------------------------------------------------------------------------------
     @torch.no_grad()
-    def snapshot(self, step: int) -> None:
-        """Take (B_K, A_K) = the factors right after optimizer step `step` (= K)."""
-        b, a = self.factors()
+    def snapshot(self, step: int, factors: Optional[tuple] = None) -> None:
+        """Take (B_K, A_K) = the factors right after optimizer step `step` (= K) (`factors`: read already)."""
+        b, a = factors or self.factors()
         bk, ak = self.snapshot_factors()
         bk.copy_(b)
         ak.copy_(a)

@@ -38,9 +38,10 @@ class DeltaLoRAController(Controller):
 
     def _catch_up(self, step: int) -> None:
         missing = [ax for ax in self.axes if not ax.taken]
-        if step == self.start_step:
+        if step == self.start_step and missing:
+            read = dict(zip(map(id, self.axes), self.whole_factors()))  # one call for all layers
             for ax in missing:
-                ax.snapshot(step)
+                ax.snapshot(step, read[id(ax)])
         elif step > self.start_step and missing:
             raise RuntimeError(
                 f"Delta-LoRA: the adapter has taken {step} optimizer steps, past start_step={self.start_step}, but "
