@@ -100,7 +100,7 @@ def _plan_from_ranges(shapes: list, dtypes: list, ranges: list[list[tuple[int, i
 
 
 # FSDP2 -------------------------------------------------------------------------------------------
-_ROWS: dict = {}
+_ROWS: dict = {}  # (mesh, placements, shapes and dtypes) -> plan
 
 
 def rows_plan(ts: list) -> Optional[_Plan]:
@@ -112,12 +112,12 @@ def rows_plan(ts: list) -> Optional[_Plan]:
     shard_dims = [d for d, p in enumerate(placements) if isinstance(p, Shard)]
     if len(shard_dims) != 1 or placements[shard_dims[0]].dim != 0:
         return None
-    if any(t.device_mesh is not mesh or tuple(t.placements) != placements for t in ts):
+    # Equal meshes, not one object: DTensors of one `fully_shard` unit may carry equal copies.
+    if any((t.device_mesh is not mesh and t.device_mesh != mesh) or tuple(t.placements) != placements for t in ts):
         return None
-    key = (id(mesh), placements, tuple((tuple(t.shape), t.dtype) for t in ts))
-    entry = _ROWS.get(key)
-    if entry is not None and entry[0]() is mesh:
-        return entry[1]
+    key = (mesh, placements, tuple((tuple(t.shape), t.dtype) for t in ts))
+    if key in _ROWS:
+        return _ROWS[key]
     d = shard_dims[0]
     world, me = mesh.size(d), mesh.get_local_rank(d)
     ranges = []
@@ -133,7 +133,7 @@ def rows_plan(ts: list) -> Optional[_Plan]:
         return None  # not torch.chunk's split: read them one by one
     plan = _plan_from_ranges([t.shape for t in ts], [t.dtype for t in ts], ranges, mesh.get_group(d), world, me,
                              with_local=True)
-    _ROWS[key] = (weakref.ref(mesh), plan)
+    _ROWS[key] = plan
     return plan
 
 
