@@ -2,9 +2,10 @@
 `whole_many` run for FSDP2 and FSDP1.
 
 Each rank concatenates the elements it holds of every tensor into one buffer (padded to the
-longest rank's), one `all_gather_into_tensor` brings every rank's buffer, and one index op puts the
-elements where they sit in the whole tensors, concatenated. Where each rank's elements go depends
-only on the layout, which is static, so it is computed once per set of tensors (a `_Plan`) and kept:
+longest rank's), one `all_gather_into_tensor` brings every rank's buffer, and one multi-tensor copy
+puts each contiguous segment where it sits in the whole tensors, concatenated. Where each rank's
+elements go depends only on the layout, which is static, so it is computed once per set of tensors
+(a `_Plan`, Python ints: no device memory) and kept:
 - FSDP2 (`rows_plan`): a DTensor split by rows (`Shard(0)` on one mesh dimension, `Replicate` on the
   others) holds, on coordinate i of that dimension's k ranks, rows [i·c, (i+1)·c) cut to the tensor
   (c = ceil(rows / k): `torch.chunk`'s split); the gather runs in that dimension's group.
@@ -28,23 +29,24 @@ def _all_gather(out: torch.Tensor, buf: torch.Tensor, group=None) -> None:
 
 
 class _Plan:
-    """Where the elements of each rank's buffer go in the whole tensors (concatenated, row-major)."""
+    """Where the elements of each rank's buffer go in the whole tensors (concatenated, row-major): a list
+    of contiguous segments (a few per tensor), kept as Python ints, so a plan costs no device memory."""
 
-    def __init__(self, shapes, dtypes, group, world: int, width: int, src: torch.Tensor, dst: torch.Tensor,
-                 local: Optional[torch.Tensor] = None) -> None:
+    def __init__(self, shapes, dtypes, group, world: int, width: int, segments: list[tuple[int, int, int]],
+                 local: Optional[list[tuple[int, int]]] = None) -> None:
         self.shapes, self.dtypes, self.group, self.world, self.width = shapes, dtypes, group, world, width
         self.numels = [int(torch.Size(s).numel()) for s in shapes]
         self.dtype = dtypes[0]
         for d in dtypes[1:]:
             self.dtype = torch.promote_types(self.dtype, d)
         self.total = sum(self.numels)
-        # whole[dst] = gathered[src]; `local`: where this rank's buffer elements sit in the whole (rows plan)
-        self.src, self.dst, self.local = src, dst, local
-        self.identity = bool(dst.numel() == self.total and torch.equal(dst, torch.arange(self.total)))
+        # whole[dst:dst + n] = gathered[src:src + n] for each (src, dst, n); `local`: (first element, count) of
+        # each tensor that this rank holds (rows plan: its backward hands those back)
+        self.segments, self.local = segments, local
 
     def all_gather(self, pieces: list[torch.Tensor]) -> torch.Tensor:
         """The whole tensors concatenated (flat, in the plan's dtype) from this rank's `pieces` (its elements
-        of each tensor, in order). One collective."""
+        of each tensor, in order). One collective, one multi-tensor copy."""
         device = pieces[0].device
         buf = torch.zeros(self.width, dtype=self.dtype, device=device)
         n = sum(p.numel() for p in pieces)
@@ -52,13 +54,10 @@ class _Plan:
             torch.cat([p.reshape(-1).to(self.dtype) for p in pieces], out=buf[:n])
         out = torch.empty(self.world * self.width, dtype=self.dtype, device=device)
         _all_gather(out, buf, group=self.group)
-        if self.src.device != device:
-            self.src, self.dst = self.src.to(device), self.dst.to(device)
-            self.local = None if self.local is None else self.local.to(device)
-        if self.identity:
-            return out.index_select(0, self.src)
         whole = torch.empty(self.total, dtype=self.dtype, device=device)
-        whole[self.dst] = out.index_select(0, self.src)
+        if self.segments:
+            torch._foreach_copy_([whole[d:d + k] for _, d, k in self.segments],
+                                 [out[s:s + k] for s, _, k in self.segments])
         return whole
 
     def unpack(self, whole: torch.Tensor) -> list[torch.Tensor]:
@@ -69,34 +68,24 @@ class _Plan:
         return self.unpack(self.all_gather(pieces))
 
 
-def _index(pieces: list[tuple[int, int, int]]) -> torch.Tensor:
-    """Concatenated ranges [a, a + n) for each (a, n, _)."""
-    parts = [torch.arange(a, a + n) for a, n, _ in pieces if n]
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
-
-
 def _plan_from_ranges(shapes: list, dtypes: list, ranges: list[list[tuple[int, int]]], group, world: int, me: int,
                       with_local: bool) -> _Plan:
     """`ranges[i][j]`: (first element, count) of whole tensor j (`shapes[j]`) that rank i (of `world` in
-    `group`) holds."""
+    `group`) holds. Ranks holding the same range (replicas) are read once."""
     numels = [int(torch.Size(s).numel()) for s in shapes]
     bases = [sum(numels[:j]) for j in range(len(shapes))]
     width = max(1, max(sum(n for _, n in per_rank) for per_rank in ranges))
-    src, dst, local = [], [], []
+    segments, seen = [], set()
     for i, per_rank in enumerate(ranges):
         off = 0
         for j, (start, n) in enumerate(per_rank):
-            src.append((i * width + off, n, j))
-            dst.append((bases[j] + start, n, j))
-            if i == me:
-                local.append((bases[j] + start, n, j))
+            if n and (j, start, n) not in seen:
+                seen.add((j, start, n))
+                segments.append((i * width + off, bases[j] + start, n))
             off += n
-    src_i, dst_i = _index(src), _index(dst)
-    if dst_i.numel() == sum(numels):  # each element held once (no replicas): gather straight into order
-        order = torch.argsort(dst_i)
-        src_i, dst_i = src_i[order], dst_i[order]
-    return _Plan([tuple(s) for s in shapes], list(dtypes), group, world, width, src_i, dst_i,
-                 _index(local) if with_local else None)
+    segments.sort(key=lambda seg: seg[1])
+    return _Plan([tuple(s) for s in shapes], list(dtypes), group, world, width, segments,
+                 list(ranges[me]) if with_local else None)
 
 
 # FSDP2 -------------------------------------------------------------------------------------------
@@ -149,13 +138,14 @@ class WholeRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        plan = ctx.plan
-        device = next((g.device for g in grads if g is not None), plan.local.device)
-        flat = torch.cat([(g.reshape(-1) if g is not None else torch.zeros(n, device=device)).to(plan.dtype)
-                          for g, n in zip(grads, plan.numels)])
-        mine = flat.index_select(0, plan.local.to(device))
-        sizes = [int(torch.Size(s).numel()) for s, _ in ctx.local_shapes]
-        return (None, *[g.view(s).to(d) for g, (s, d) in zip(mine.split(sizes), ctx.local_shapes)])
+        out = [None]
+        for g, (start, n), (shape, dtype) in zip(grads, ctx.plan.local, ctx.local_shapes):
+            if g is None:
+                out.append(None)
+                continue
+            mine = g.reshape(-1)[start:start + n].view(shape)
+            out.append(mine if mine.dtype == dtype else mine.to(dtype))
+        return tuple(out)
 
 
 # FSDP1 -------------------------------------------------------------------------------------------

@@ -200,27 +200,9 @@ class Fsdp1(Engine):
         # before its lazy init: a driver may read the factors before the first forward.)
         return flat._sharded_size.numel() < flat._unpadded_unsharded_size.numel() or tuple(t.shape) != tuple(flat._shapes[i])
 
-    @staticmethod
-    def gather(t):
-        flat, i = _flat_of(t)
-        info, shape = flat._shard_param_infos[i], flat._shapes[i]
-        n = info.numel_in_shard if info.in_shard else 0
-        start = info.intra_param_start_idx if info.in_shard else 0
-        dist = torch.distributed
-        world = dist.get_world_size()
-        meta = torch.tensor([start, n], dtype=torch.long, device=t.device)
-        metas = [torch.empty_like(meta) for _ in range(world)]
-        dist.all_gather(metas, meta)
-        width = max(int(m[1]) for m in metas)
-        piece = torch.zeros(width, dtype=t.dtype, device=t.device)
-        piece[:n] = t.detach().reshape(-1)[:n]
-        pieces = [torch.empty_like(piece) for _ in range(world)]
-        dist.all_gather(pieces, piece)
-        out = torch.zeros(shape.numel(), dtype=t.dtype, device=t.device)
-        for m, p in zip(metas, pieces):
-            s, k = m.tolist()
-            out[s:s + k] = p[:k]
-        return out.view(shape)
+    @classmethod
+    def gather(cls, t):
+        return cls.gather_many([t])[0]
 
     @classmethod
     def gather_many(cls, ts: list) -> list:
