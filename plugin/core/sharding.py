@@ -49,6 +49,7 @@ except ImportError:  # torch built without distributed
 # (`capture`). Keyed by id: tensors compare elementwise, so they cannot be dictionary keys.
 _FLAT: dict[int, tuple] = {}
 _STEPS = [0]  # optimizer steps seen: a capture from before the latest step is stale
+_OFFSETS: dict = {}  # id(FSDP2 DTensor) -> (weak ref to it, first index of this rank's elements in the whole)
 
 
 def stepped() -> None:
@@ -154,7 +155,7 @@ class Fsdp2(Engine):
         plan = flat_gather.rows_plan(ts)
         if plan is None:
             return [cls.gather(t) for t in ts]
-        return plan.unpack(plan.all_gather([t.detach().to_local() for t in ts]))
+        return plan.unpack(plan.all_gather([t.to_local().detach() for t in ts]))
 
     @classmethod
     def whole_many(cls, ts: list) -> list:
@@ -165,11 +166,14 @@ class Fsdp2(Engine):
 
     @staticmethod
     def local_flat(w):
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+        # The offset is static per parameter and slow to compute (~0.1 ms): kept (`_OFFSETS`).
+        entry = _OFFSETS.get(id(w))
+        if entry is None or entry[0]() is not w:
+            from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-        local = w.to_local()
-        _, offset = compute_local_shape_and_global_offset(w.shape, w.device_mesh, w.placements)
-        return local.data.view(-1), offset[0] * (w.numel() // w.shape[0])
+            _, offset = compute_local_shape_and_global_offset(w.shape, w.device_mesh, w.placements)
+            entry = _OFFSETS[id(w)] = (weakref.ref(w), offset[0] * (w.numel() // w.shape[0]))
+        return w.to_local().data.view(-1), entry[1]
 
     @staticmethod
     def replicas(w) -> int:
@@ -349,12 +353,14 @@ def gather(t: torch.Tensor) -> torch.Tensor:
 def gather_many(ts: list) -> list:
     """`gather` of each of `ts`, in order: the tensors each engine holds as shards are gathered together
     (`Engine.gather_many`), the whole ones returned detached. Collective."""
-    out = [t.detach() for t in ts]
+    out = list(ts)
     held: dict = {}
     for i, t in enumerate(ts):
         found = engine_of(t)
         if found is not None:
             held.setdefault(found, []).append(i)
+        else:
+            out[i] = t.detach()
     for found, idx in held.items():
         for i, value in zip(idx, found.gather_many([ts[i] for i in idx])):
             out[i] = value
