@@ -15,7 +15,9 @@ each engine has the whole tensor. What the methods need, and how it is got here:
   gradient (every rank adds the same term, the mean of equal terms is the term). The clone, not the
   view, is what the loss saves for backward: the engines free the unsharded storage after forward.
   Outside grad mode it is the current value, gathered (a collective: every rank calls it, as
-  every rank runs the optimizer hook, the logging and the export).
+  every rank runs the optimizer hook, the logging and the export). `whole_many` / `gather_many` read
+  many at once: one all-gather per engine for all of them (core/flat_gather.py), the FSDP2 grad-mode
+  one an autograd function whose backward hands each rank its rows, as `full_tensor()`'s does.
 - `local_product(w, left, right)`: the part of `left @ right` (a low-rank update of `w`, as `w` is
   stored) at the elements this rank holds of `w`, and a view of those elements, so an in-place
   update writes only the rank's shard and a whole `w` is never gathered.
