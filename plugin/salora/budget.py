@@ -40,6 +40,7 @@ from typing import Optional
 import torch
 
 from ..core import sharding
+from ..core.errors import require
 
 # The "schedule" budget control (see the module docstring for the measurements behind these):
 #: share of the window after which the target b_t has fallen (cubically) from C at init to b and holds.
@@ -113,7 +114,13 @@ class ScheduleBudget:
     reads_logits = False
 
     def begin(self) -> None:
-        pass
+        # On ZeRO-3 partitions the rank's writes would also have to reach DeepSpeed's fp32 master copies: not
+        # verified, refused. (Logits under its persistence threshold stay whole on every rank: those it runs on.)
+        where = [a for a in self.c.axes
+                 if sharding.engine(a.log_alpha) == "zero3" and not getattr(a.log_alpha, "ds_persist", False)]
+        require(not where, "budget_control",
+                "'schedule' does not run on ZeRO-3-partitioned gate logits yet; set budget_control='paper' under "
+                "ZeRO-3, or FSDP / DDP, where the schedule works. No parameter has been updated.")
 
     def sharded(self) -> bool:
         """Whether this rank holds only shards of the logits (FSDP / ZeRO-3) outside the forward."""

@@ -2,13 +2,14 @@
 
 tests/scale/test_fsdp_sharded_training.py runs
     python -m torch.distributed.run --nproc_per_node 2 tests/scale/fsdp_worker.py OUT sharded
-(every case under every engine, then the resume runs) and, at the same time, one plain process
+(every case under every engine, then the resume runs; mode "hybrid" with --nproc_per_node 4: HSDP and
+HYBRID_SHARD, 2 replicas of a 2-way sharding) and, at the same time, one plain process
     python tests/scale/fsdp_worker.py OUT single
 that trains the same cases unsharded on the whole global batch. HF Trainer cannot shard on a CPU
 (accelerate enables FSDP only for accelerator devices), so the loop is written out here the way
 `LoraForgeTrainer` drives it: `driver.begin(max_steps)`, the loss plus `regularization_loss()`,
-AdamW over the default group and the driver's `param_groups`. Rank r takes rows
-[r·4, r·4 + 4) of each global batch of 8 (equal token counts, so the mean of the ranks' mean
+AdamW over the default group and the driver's `param_groups`. Rank r of k takes rows
+[r·8/k, (r + 1)·8/k) of each global batch of 8 (equal token counts, so the mean of the ranks' mean
 losses is the global mean loss that the engines' averaged gradients follow).
 
 Each run writes OUT/<engine>-<case>.<tag>.pt: the whole adapter state (every `lora_*` parameter
