@@ -126,25 +126,46 @@ def rows_plan(ts: list) -> Optional[_Plan]:
     return plan
 
 
+_OFFSETS: dict = {}  # id(DTensor) -> (weak ref to it, first index of this rank's elements in the whole)
+
+
+def row_offset(w) -> int:
+    """The first index (row-major) of the elements of DTensor `w` this rank holds; static, kept per tensor
+    (DTensor computes it in ~0.1 ms)."""
+    entry = _OFFSETS.get(id(w))
+    if entry is None or entry[0]() is not w:
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        _, offset = compute_local_shape_and_global_offset(w.shape, w.device_mesh, w.placements)
+        entry = _OFFSETS[id(w)] = (weakref.ref(w), offset[0] * (w.numel() // w.shape[0]))
+    return entry[1]
+
+
 class WholeRows(torch.autograd.Function):
-    """The whole tensors from the ranks' local rows, one all-gather; backward hands this rank the rows of
-    the gradient it holds (what `DTensor.full_tensor()`'s backward does, without a collective)."""
+    """The whole tensors of DTensors from the ranks' local rows, one all-gather; backward hands each DTensor
+    the rows of the gradient its rank holds (what `DTensor.full_tensor()`'s backward does, without a
+    collective). One autograd node for all of them (a `to_local()` each would add one per tensor)."""
 
     @staticmethod
-    def forward(ctx, plan: _Plan, *locals_: torch.Tensor):
-        ctx.plan, ctx.local_shapes = plan, [(x.shape, x.dtype) for x in locals_]
-        with torch.no_grad():
-            return tuple(plan.gather(list(locals_)))
+    def forward(ctx, plan: _Plan, *params):
+        ctx.plan, ctx.params = plan, [(p.device_mesh, p.placements, p.shape, p.stride(), p.dtype) for p in params]
+        locals_ = [p.to_local() for p in params]
+        ctx.local_shapes = [x.shape for x in locals_]
+        return tuple(plan.gather(locals_))
 
     @staticmethod
     def backward(ctx, *grads):
+        from torch.distributed.tensor import DTensor
+
         out = [None]
-        for g, (start, n), (shape, dtype) in zip(grads, ctx.plan.local, ctx.local_shapes):
+        for g, (start, n), shape, (mesh, placements, whole, stride, dtype) in zip(
+                grads, ctx.plan.local, ctx.local_shapes, ctx.params):
             if g is None:
                 out.append(None)
                 continue
             mine = g.reshape(-1)[start:start + n].view(shape)
-            out.append(mine if mine.dtype == dtype else mine.to(dtype))
+            out.append(DTensor.from_local(mine if mine.dtype == dtype else mine.to(dtype), mesh, placements,
+                                          run_check=False, shape=whole, stride=stride))
         return tuple(out)
 
 
@@ -153,8 +174,13 @@ _RANGES: dict = {}  # id(parameter) -> (weak ref to it, ((start, count) on each 
 _PLANS: dict = {}  # ids of a set of parameters -> (weak refs, plan)
 
 
-def ranges_plan(ts: list, own_range, whole_shape) -> _Plan:
-    """The plan for FSDP1 parameters (`own_range(t)`: (start, count) of `t` on this rank; `whole_shape(t)`).
+def _own_range(flat, i: int) -> tuple[int, int]:
+    info = flat._shard_param_infos[i]
+    return (info.intra_param_start_idx, info.numel_in_shard) if info.in_shard else (0, 0)
+
+
+def ranges_plan(ts: list, flat_of) -> _Plan:
+    """The plan for FSDP1 parameters (`flat_of(t)`: the flat parameter holding `t` and its index there).
     Collective the first time a parameter is seen (its ranges on every rank), then free."""
     dist = torch.distributed
     key = tuple(id(t) for t in ts)
@@ -164,15 +190,15 @@ def ranges_plan(ts: list, own_range, whole_shape) -> _Plan:
     world, me = dist.get_world_size(), dist.get_rank()
     new = [t for t in ts if _RANGES.get(id(t), (lambda: None,))[0]() is not t]
     if new:
-        mine = torch.tensor([v for t in new for v in own_range(t)], dtype=torch.long, device=ts[0].device)
+        mine = torch.tensor([v for t in new for v in _own_range(*flat_of(t))], dtype=torch.long, device=ts[0].device)
         every = torch.empty(world * mine.numel(), dtype=torch.long, device=mine.device)
         _all_gather(every, mine)
         every = every.view(world, len(new), 2).tolist()
         for j, t in enumerate(new):
             _RANGES[id(t)] = (weakref.ref(t), tuple(tuple(every[i][j]) for i in range(world)))
     ranges = [[_RANGES[id(t)][1][i] for t in ts] for i in range(world)]
-    plan = _plan_from_ranges([whole_shape(t) for t in ts], [t.dtype for t in ts], ranges, None, world, me,
-                             with_local=False)
+    shapes = [flat._shapes[i] for flat, i in map(flat_of, ts)]
+    plan = _plan_from_ranges(shapes, [t.dtype for t in ts], ranges, None, world, me, with_local=True)
     _PLANS[key] = (tuple(weakref.ref(t) for t in ts), plan)
     return plan
 

@@ -51,7 +51,6 @@ except ImportError:  # torch built without distributed
 # (`capture`). Keyed by id: tensors compare elementwise, so they cannot be dictionary keys.
 _FLAT: dict[int, tuple] = {}
 _STEPS = [0]  # optimizer steps seen: a capture from before the latest step is stale
-_OFFSETS: dict = {}  # id(FSDP2 DTensor) -> (weak ref to it, first index of this rank's elements in the whole)
 
 
 def stepped() -> None:
@@ -104,8 +103,8 @@ class Engine:
     """What loraforge asks of a sharding engine; each subclass answers for one engine."""
 
     name = ""
-    #: Whether the whole tensor it gathers carries the gradient back to the shard (else the loss reads
-    #: what the forward captured, `capture`).
+    #: Whether the whole tensor it gathers carries the gradient back to the shard (`whole_many`; else the
+    #: loss reads what the forward captured, `capture`).
     differentiable = False
     #: Why loraforge refuses a layout `refuses` picks out (formatted with `what` and `t`).
     refusal = ""
@@ -125,11 +124,6 @@ class Engine:
         """The whole current values of `ts` (each held by this engine as a shard), detached. An engine
         that can overrides it with one collective for all of them."""
         return [cls.gather(t) for t in ts]
-
-    @classmethod
-    def whole_many(cls, ts: list) -> list:
-        """The whole values of `ts` carrying their gradients back to the shards (`differentiable` engines)."""
-        raise NotImplementedError
 
     @classmethod
     def unsupported(cls, t, what: str) -> Optional[str]:
@@ -164,18 +158,11 @@ class Fsdp2(Engine):
         plan = flat_gather.rows_plan(ts)
         if plan is None:
             return [t.full_tensor() for t in ts]
-        return list(flat_gather.WholeRows.apply(plan, *[t.to_local() for t in ts]))
+        return list(flat_gather.WholeRows.apply(plan, *ts))
 
     @staticmethod
     def local_flat(w):
-        # The offset is static per parameter and slow to compute (~0.1 ms): kept (`_OFFSETS`).
-        entry = _OFFSETS.get(id(w))
-        if entry is None or entry[0]() is not w:
-            from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-            _, offset = compute_local_shape_and_global_offset(w.shape, w.device_mesh, w.placements)
-            entry = _OFFSETS[id(w)] = (weakref.ref(w), offset[0] * (w.numel() // w.shape[0]))
-        return w.to_local().data.view(-1), entry[1]
+        return w.to_local().data.view(-1), flat_gather.row_offset(w)
 
     @staticmethod
     def replicas(w) -> int:
@@ -212,14 +199,8 @@ class Fsdp1(Engine):
 
     @classmethod
     def gather_many(cls, ts: list) -> list:
-        plan = flat_gather.ranges_plan(ts, cls._own_range, lambda t: tuple(_flat_of(t)[0]._shapes[_flat_of(t)[1]]))
-        return plan.gather([t.detach().reshape(-1)[:cls._own_range(t)[1]] for t in ts])
-
-    @staticmethod
-    def _own_range(t) -> tuple[int, int]:
-        flat, i = _flat_of(t)
-        info = flat._shard_param_infos[i]
-        return (info.intra_param_start_idx, info.numel_in_shard) if info.in_shard else (0, 0)
+        plan = flat_gather.ranges_plan(ts, _flat_of)
+        return plan.gather([t.detach().reshape(-1)[:n] for t, (_, n) in zip(ts, plan.local)])
 
     @staticmethod
     def local_flat(w):
@@ -323,10 +304,8 @@ def whole(layer, name: str, adapter: str) -> torch.Tensor:
 
 
 def whole_many(layers_names: list) -> list:
-    """`whole(layer, name, adapter)` of each `(layer, name, adapter)`, in order, with one collective per
-    engine (FSDP2 in grad mode: one all-gather whose backward hands each rank its rows of the gradient,
-    as `full_tensor()` does per tensor; FSDP1 / ZeRO-3 in grad mode: what the forward captured, no
-    collective)."""
+    """`whole(layer, name, adapter)` of each `(layer, name, adapter)`, in order: one collective per engine
+    (FSDP1 / ZeRO-3 in grad mode: what the forward captured, none)."""
     ts = [tensor_of(*item) for item in layers_names]
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in ts)):
         return gather_many(ts)
