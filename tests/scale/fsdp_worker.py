@@ -208,6 +208,38 @@ def run_resume_full(case: str, engine: str, out: str, tag: str) -> None:
     run_resume(case, engine, out, tag, full=True)
 
 
+GATHER_SHAPES = [(5, 3), (1,), (7,), (2, 4)]  # rows not divisible by 2; ranks holding nothing of a tensor
+
+
+def run_gathers(case: str, engine: str, out: str, tag: str) -> None:
+    """`gather_many` of tensors of odd shapes sharded by `engine` (FSDP2: rows 3 + 2, 1 + 0, ...; FSDP1: the
+    31 elements cut at 16, so rank 0 holds nothing of the last two tensors and rank 1 nothing of the first
+    two), and under FSDP2 the gradient `whole_many`'s backward hands each shard, with the collectives each
+    call made. The values are known: tensor k holds 100·k + its row-major index."""
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+
+    holder = torch.nn.Module()
+    holder.ps = torch.nn.ParameterList(torch.nn.Parameter(torch.arange(float(torch.Size(s).numel())).view(s) + 100 * k)
+                                       for k, s in enumerate(GATHER_SHAPES))
+    if engine == "fsdp2":
+        fully_shard(holder)
+    else:
+        sharding.register(FullyShardedDataParallel(holder, use_orig_params=True, device_id=torch.device("cpu")))
+    params = list(holder.ps)
+    result: dict = {"held": [sharding.engine(p) for p in params]}
+    for name in ("first", "again"):
+        with testing.CollectiveCounter() as n:
+            result[name] = [t.clone() for t in sharding.gather_many(params)]
+        result[f"collectives/{name}"] = n.count
+    if engine == "fsdp2":
+        with testing.CollectiveCounter() as n:
+            wholes = sharding.Fsdp2.whole_many(params)
+        result["collectives/whole"] = n.count
+        sum((k + 1) * (w * w).sum() for k, w in enumerate(wholes)).backward()  # d/dw = 2 (k + 1) w
+        result["grads"] = [p.grad.full_tensor() for p in params]
+    torch.save(result, os.path.join(out, f"{engine}-gathers.{tag}.pt"))
+
+
 CASES = ["salora", "delta_in_place", "delta_folded", "salora_default"]
 ENGINES = ["fsdp2", "fsdp1"]
 #: On 4 ranks (mode "hybrid"): 2 replicas of a 2-way sharding.
@@ -233,9 +265,10 @@ def main(argv: list[str]) -> int:
         tag = f"rank{torch.distributed.get_rank()}"
         jobs = [(case, engine, run) for engine in ENGINES for case in CASES]
         jobs += [(case, "fsdp1_grad_op", run) for case in ("salora", "delta_in_place", "salora_default")]
-        jobs += resumes
+        jobs += resumes + [(None, engine, run_gathers) for engine in ENGINES]
     for case, engine, fn in jobs:
-        name = f"{engine or 'single'}-{case}" + {run_resume: "-resume", run_resume_full: "-resume-full"}.get(fn, "")
+        name = (f"{engine}-gathers" if fn is run_gathers else
+                f"{engine or 'single'}-{case}" + {run_resume: "-resume", run_resume_full: "-resume-full"}.get(fn, ""))
         if only and name not in only:
             continue
         try:

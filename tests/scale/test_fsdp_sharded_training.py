@@ -32,6 +32,7 @@ from two_ranks import free_port, load_result, run_beside
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "fsdp_worker.py"
 CASES = ["salora", "delta_in_place", "delta_folded"]
+GATHER_SHAPES = [(5, 3), (1,), (7,), (2, 4)]  # the worker's run_gathers
 DEFAULT_STEPS, DEFAULT_WINDOW = 64, (13, 32)  # the worker's "salora_default" run: window 0.2-0.5 of 64 steps
 # The ranks reduce gradients in another order than one process does, and Adam divides each entry by its own
 # magnitude, so that float32 noise moves an entry with a small gradient by a small share of a step (lr 1e-2):
@@ -132,6 +133,23 @@ def _check_default_salora(state: dict, logs: list, engine: str) -> None:
     outside = logs[0]["collectives/step"]
     assert {log["collectives/step"] - outside for log in logs[start:end - 1]} == {1}
     assert {log["collectives/step"] for log in logs[end:]} == {outside}
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", "fsdp1"])
+def test_one_all_gather_reads_many_unevenly_sharded_tensors(runs, engine):
+    """Odd shapes (rows not divisible by the ranks, a rank holding nothing of a tensor): the gathered values are
+    the known ones, one collective per call (FSDP1: one more the first time, the shards' layout), and FSDP2's
+    differentiable read hands each shard its rows of the gradient."""
+    results = [load_result(runs, f"{engine}-gathers", f"rank{i}") for i in range(2)]
+    known = [torch.arange(float(torch.Size(s).numel())).view(s) + 100 * k for k, s in enumerate(GATHER_SHAPES)]
+    for r in results:
+        assert r["held"] == [engine] * len(known)  # every tensor is sharded: the check is not vacuous
+        for got in (r["first"], r["again"]):
+            assert all(torch.equal(g, w) for g, w in zip(got, known, strict=True))
+        assert (r["collectives/first"], r["collectives/again"]) == ((1, 1) if engine == "fsdp2" else (2, 1))
+        if engine == "fsdp2":
+            assert r["collectives/whole"] == 1
+            assert all(torch.equal(g, 2 * (k + 1) * w) for k, (g, w) in enumerate(zip(r["grads"], known, strict=True)))
 
 
 @pytest.mark.parametrize("engine, case", [(e, c) for e in ("fsdp2_hsdp", "fsdp1_hybrid")
