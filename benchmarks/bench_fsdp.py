@@ -1,7 +1,9 @@
-"""Step time of SaLoRA and Delta-LoRA under DDP, FSDP2 and FSDP1, as ratios to plain PEFT LoRA
-trained under the same engine and config, side by side in one launch.
+"""Step time of SaLoRA and Delta-LoRA under DDP, FSDP2, FSDP1 and DeepSpeed ZeRO-3, as ratios to plain
+PEFT LoRA trained under the same engine and config, side by side in one launch, and the collectives
+each step runs.
 
     python -m torch.distributed.run --nproc_per_node 2 benchmarks/bench_fsdp.py --preset cpu
+    DS_ACCELERATOR=cpu python -m torch.distributed.run --nproc_per_node 2 benchmarks/bench_fsdp.py --engines zero3
     torchrun --nproc_per_node 8 benchmarks/bench_fsdp.py --preset gpu      # one node of GPUs, NCCL
 
 Per engine, the methods run round-robin (`--rounds` rounds of `--steps` timed AdamW steps after
@@ -13,9 +15,14 @@ window (gates sampled, density and budget work), where it does the most work. Wh
 the methods is in `core/sharding.py`: SaLoRA reads its A, B (and, "paper", its logits) for the loss in
 one all-gather per step (FSDP2; FSDP1 reuses the forward's), the schedule control gathers all logits
 once after the step; in-place Delta-LoRA gathers all A and B once after the step and writes only the
-rank's elements of W. The table also counts the collectives one step calls on a rank (the engine's
-own included; "vs LoRA": what the method adds, 2 of them the non-finite guard's, before and after
-the optimizer step).
+rank's elements of W.
+ZeRO-3 runs DeepSpeed's engine (`deepspeed.initialize`, its `backward` and `step`) with the
+persistence threshold Axolotl's zero3.json gives ("auto": 10 x hidden size), so small adapter
+tensors stay whole on every rank and the rest is partitioned. "collectives/step" counts the
+process group's operations (gloo / NCCL, barriers excluded) in one step after the timed rounds; in
+brackets those inside loraforge's loss term and, under ZeRO-3, its post-step work (under DDP / FSDP
+the post-step work runs inside the optimizer's step and is not bracketed); "vs LoRA": what the method
+adds to LoRA's (2 of them, under DDP / FSDP, the non-finite guard's, before and after the step).
 """
 from __future__ import annotations
 
@@ -40,7 +47,13 @@ PRESETS = {
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 METHODS = ["lora", "salora", "salora_paper", "delta_folded", "delta_in_place"]
-ENGINES = ["ddp", "fsdp2", "fsdp1"]
+ENGINES = ["ddp", "fsdp2", "fsdp1", "zero3"]
+
+
+def zero3_config(p: dict) -> dict:
+    return {"train_micro_batch_size_per_gpu": p["batch"], "gradient_accumulation_steps": 1,
+            "bf16": {"enabled": p["dtype"] == "bfloat16"},
+            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 10 * p["hidden"]}}
 
 
 def adapter_config(method: str, steps: int):
@@ -78,9 +91,11 @@ def build(method: str, engine: str, p: dict, device: torch.device):
         for layer in peft_model.base_model.model.model.layers:
             fully_shard(layer, mesh=mesh)
         wrapped = fully_shard(peft_model, mesh=mesh)
-    else:
+    elif engine == "fsdp1":
         wrapped = FullyShardedDataParallel(peft_model, use_orig_params=True, device_id=device,
                                            auto_wrap_policy=ModuleWrapPolicy({LlamaDecoderLayer}))
+    else:  # zero3: DeepSpeed wraps the model and the optimizer together, below
+        wrapped = peft_model
     driver = None
     if method != "lora":
         driver = loraforge.driver(wrapped)
@@ -89,15 +104,40 @@ def build(method: str, engine: str, p: dict, device: torch.device):
     taken = {id(q) for g in special for q in g["params"]}
     rest = [q for q in wrapped.parameters() if q.requires_grad and id(q) not in taken]
     opt = torch.optim.AdamW([{"params": rest}, *special], lr=1e-4, weight_decay=0.0)
+    if engine == "zero3":
+        import deepspeed
+
+        wrapped, opt, _, _ = deepspeed.initialize(model=peft_model, optimizer=opt, config=zero3_config(p))
     return wrapped, driver, opt
 
 
 def step(wrapped, driver, opt, ids) -> None:
     loss = wrapped(input_ids=ids, labels=ids).loss
-    reg = driver.regularization_loss() if driver else None
-    (loss if reg is None else loss + reg).backward()
+    with torch.profiler.record_function("loraforge"):
+        reg = driver.regularization_loss() if driver else None
+    loss = loss if reg is None else loss + reg
+    if hasattr(wrapped, "zero_optimization_stage"):  # a DeepSpeed engine steps its own optimizer
+        done = driver.step if driver else 0
+        wrapped.backward(loss)
+        wrapped.step()
+        if driver and driver.step == done:  # its optimizer steps fp32 partitions: no hook saw the adapter
+            with torch.no_grad(), torch.profiler.record_function("loraforge"):
+                driver.on_step_end()
+        return
+    loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
+
+
+def collectives(run) -> tuple[int, int]:
+    """The process group's operations (gloo / NCCL, barriers excluded) that one call of `run` makes, and how
+    many of them loraforge's loss term and (under ZeRO-3) its post-step work make themselves."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        run()
+    events = prof.events()
+    ours = [e.time_range for e in events if e.name == "loraforge"]
+    ops = [e.time_range for e in events if e.name.startswith(("gloo:", "nccl:")) and "barrier" not in e.name]
+    return len(ops), sum(1 for t in ops if any(o.start <= t.start <= o.end for o in ours))
 
 
 def timed_steps(run, n: int, device) -> float:
@@ -112,16 +152,6 @@ def timed_steps(run, n: int, device) -> float:
     elapsed = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
     torch.distributed.all_reduce(elapsed, op=torch.distributed.ReduceOp.MAX)
     return float(elapsed) / n
-
-
-def collectives_per_step(run) -> int:
-    """The collectives one step calls on this rank (`loraforge.testing.CollectiveCounter`: torch.distributed's and
-    DTensor's functional ones), the engine's own included; the method's share is the difference to LoRA's."""
-    from loraforge.testing import CollectiveCounter
-
-    with CollectiveCounter() as counter:
-        run()
-    return counter.count
 
 
 def main() -> int:
@@ -153,18 +183,18 @@ def main() -> int:
             for m in METHODS:
                 times[m].append(timed_steps(runs[m], p["steps"], device))
         base[engine] = median(times["lora"])
-        counts = {m: collectives_per_step(runs[m]) for m in METHODS}  # one more step each, untimed
+        counts = {m: collectives(runs[m]) for m in METHODS}
         for m in METHODS:
             ratios = [t / ref for t, ref in zip(times[m], times["lora"])]
-            rows.append([engine, m, f"{median(ratios):.3f}", f"{median(times[m]) * 1e3:.1f}", str(counts[m]),
-                         f"{counts[m] - counts['lora']:+d}"])
+            rows.append([engine, m, f"{median(ratios):.3f}", f"{median(times[m]) * 1e3:.1f}", "%d (%d)" % counts[m],
+                         f"{counts[m][0] - counts['lora'][0]:+d}"])
         del built, runs
     if rank == 0:
         world = torch.distributed.get_world_size()
         print(f"preset {args.preset}: {world} ranks ({p['backend']}), batch {p['batch']}x{p['seq']} per rank, "
               f"{p['dtype']}, r=8 on {len(TARGETS)} linears x {p['layers']} layers; median of {p['rounds']} rounds")
-        print(table(rows, ["engine", "method", "step time x LoRA (same engine)", "ms/step", "collectives/step",
-                           "vs LoRA"]))
+        print(table(rows, ["engine", "method", "step time x LoRA (same engine)", "ms/step",
+                           "collectives/step (loraforge's own)", "vs LoRA"]))
         for engine in args.engines[1:]:
             print(f"LoRA under {engine} vs ddp: {base[engine] / base[args.engines[0]]:.3f}x")
     torch.distributed.destroy_process_group()

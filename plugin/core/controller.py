@@ -11,6 +11,9 @@ if TYPE_CHECKING:
 
 #: Param-group key: the group's learning rate, held through any LR schedule (`optimizer_hooks.pin_constant_lr`).
 CONSTANT_LR = "loraforge_constant_lr"
+#: Param-group key: True while the group must take no step (`Controller.idle_groups`); the optimizer
+#: hook drops the group's gradients, so an optimizer over flat master copies (DeepSpeed ZeRO) skips it too.
+IDLE = "loraforge_idle"
 
 
 class Controller:
@@ -72,6 +75,11 @@ class Controller:
 
     def before_step(self) -> None:
         """Right before an optimizer step, the gradients complete (from the optimizer hook)."""
+
+    def idle_groups(self) -> set[str]:
+        """Names of this controller's param groups that must take no step in the coming optimizer step
+        (not even a zero-gradient one, which AdamW turns into momentum and a step count)."""
+        return set()
 
     def on_step_end(self, step: int, max_steps: Optional[int]) -> None:
         """After optimizer step number `step` (1-based) has been applied."""

@@ -121,6 +121,9 @@ class Driver:
         for c in self.controllers:
             c.before_step()
 
+    def idle_groups(self) -> set[str]:
+        return {name for c in self.controllers for name in c.idle_groups()}
+
     def on_step_end(self) -> None:
         sharding.stepped()  # what earlier forwards captured is stale now
         step = self.step + 1

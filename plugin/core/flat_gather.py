@@ -141,6 +141,17 @@ def row_offset(w) -> int:
     return entry[1]
 
 
+def rows(ts: list, differentiable: bool) -> list:
+    """The whole values of DTensors `ts` (detached, or carrying their gradients back, `WholeRows`): one
+    all-gather, or `full_tensor()` each for a layout `rows_plan` does not cover."""
+    plan = rows_plan(ts)
+    if plan is None:
+        return [(t if differentiable else t.detach()).full_tensor() for t in ts]
+    if differentiable:
+        return list(WholeRows.apply(plan, *ts))
+    return plan.gather([t.to_local().detach() for t in ts])
+
+
 class WholeRows(torch.autograd.Function):
     """The whole tensors of DTensors from the ranks' local rows, one all-gather; backward hands each DTensor
     the rows of the gradient its rank holds (what `DTensor.full_tensor()`'s backward does, without a

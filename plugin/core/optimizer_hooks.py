@@ -12,7 +12,7 @@ import weakref
 import torch
 
 from . import finite
-from .controller import CONSTANT_LR
+from .controller import CONSTANT_LR, IDLE
 from .driver import Driver, adapter_parameters, driver_for, group_layers
 from .layer import ADAPTER_GENERATION, LIVE_LAYERS
 
@@ -66,6 +66,23 @@ def pin_constant_lr(optimizer: torch.optim.Optimizer) -> None:
             group["lr"] = lr
 
 
+def mark_idle(optimizer, names: set[str]) -> None:
+    """Flag the param groups named in `names` idle for the coming step, the others not (`IDLE`)."""
+    for group in optimizer.param_groups:
+        if group.get("name") is not None:
+            group[IDLE] = group["name"] in names
+
+
+def drop_idle_grads(optimizer) -> None:
+    """An idle group takes no step: torch optimizers skip a parameter whose gradient is None. Under DeepSpeed
+    ZeRO the step runs over flat fp32 master partitions, one per group, that hold no model parameter: the flag
+    on the group (the same dict) is what reaches them."""
+    for group in optimizer.param_groups:
+        if group.get(IDLE):
+            for p in group["params"]:
+                p.grad = None
+
+
 def pre_step(optimizer, args, kwargs) -> None:
     """Before any optimizer's step: hold constant learning rates, refuse what cannot be driven, let
     the controllers see the complete gradients. Returns at once while no loraforge layer is alive."""
@@ -75,6 +92,7 @@ def pre_step(optimizer, args, kwargs) -> None:
     if optimizer._loraforge_skip:
         return
     pin_constant_lr(optimizer)
+    drop_idle_grads(optimizer)
     found = _drivers_of_optimizer(optimizer)
     if found:  # a non-finite loss or gradient: the step is skipped (counted, grads dropped)
         finite.guard_step(optimizer, found[0].step + 1, found)

@@ -15,13 +15,10 @@ each engine has the whole tensor. What the methods need, and how it is got here:
   gradient (every rank adds the same term, the mean of equal terms is the term). The clone, not the
   view, is what the loss saves for backward: the engines free the unsharded storage after forward.
   Outside grad mode it is the current value, gathered (a collective: every rank calls it, as
-  every rank runs the optimizer hook, the logging and the export). `whole_many` / `gather_many` read
-  many at once: one all-gather per engine for all of them (core/flat_gather.py), the FSDP2 grad-mode
-  one an autograd function whose backward hands each rank its rows, as `full_tensor()`'s does.
-- `local_product(w, left, right)`: the part of `left @ right` (a low-rank update of `w`, as `w` is
-  stored) at the elements this rank holds of `w`, and a view of those elements, so an in-place
-  update writes only the rank's shard and a whole `w` is never gathered.
-- `matvec(w, v)`: `w @ v` (a fingerprint of the base weight) from the shards.
+  every rank runs the optimizer hook, the logging and the export). `whole_many` / `gather_many`: many
+  at once, one collective per engine (core/flat_gather.py).
+- `local_flat(w)`: the elements of `w` this rank holds, on which core/shard_math.py computes a low-rank
+  update of `w` (written only to the rank's shard; a whole `w` is never gathered) and `w @ v`.
 
 Each engine is one small adapter class (`Fsdp2`, `Fsdp1`, `Zero3`) answering the same four
 questions (gather a whole tensor, the rank's flat range, how many ranks hold an element, what of its
@@ -117,7 +114,7 @@ class Engine:
     @staticmethod
     def refuses(t) -> bool:
         """Whether `t` is laid out by this engine in a way loraforge cannot read."""
-        raise NotImplementedError
+        return False
 
     @classmethod
     def gather_many(cls, ts: list) -> list:
@@ -148,17 +145,11 @@ class Fsdp2(Engine):
 
     @classmethod
     def gather_many(cls, ts: list) -> list:
-        plan = flat_gather.rows_plan(ts)
-        if plan is None:
-            return [cls.gather(t) for t in ts]
-        return plan.unpack(plan.all_gather([t.to_local().detach() for t in ts]))
+        return flat_gather.rows(ts, differentiable=False)
 
     @classmethod
     def whole_many(cls, ts: list) -> list:
-        plan = flat_gather.rows_plan(ts)
-        if plan is None:
-            return [t.full_tensor() for t in ts]
-        return list(flat_gather.WholeRows.apply(plan, *ts))
+        return flat_gather.rows(ts, differentiable=True)
 
     @staticmethod
     def local_flat(w):
@@ -222,10 +213,6 @@ class Zero3(Engine):
     """DeepSpeed ZeRO-3: an empty `data`, the rank's flat partition in `ds_tensor`."""
 
     name = "zero3"
-    # The GatheredParameters path is written by the same rules but has never run to the end on a test
-    # (DeepSpeed's CPU backend did not finish a 2-rank run here): refuse it.
-    refusal = ("{what} is partitioned by DeepSpeed ZeRO-3, which loraforge has not verified; train with FSDP "
-               "(fsdp_version: 2) or DeepSpeed ZeRO stage 1 or 2")
 
     @staticmethod
     def holds_shard(t) -> bool:
@@ -235,12 +222,22 @@ class Zero3(Engine):
 
         return t.ds_status != ZeroParamStatus.AVAILABLE
 
-    @staticmethod
-    def gather(t):
-        import deepspeed
+    @classmethod
+    def gather(cls, t):
+        return cls.gather_many([t])[0]
 
-        with deepspeed.zero.GatheredParameters([t], modifier_rank=None):
-            return t.detach().clone()
+    @classmethod
+    def gather_many(cls, ts: list) -> list:
+        # DeepSpeed's forward fetch: one flat all-gather per dtype (GatheredParameters: one per tensor, on gloo)
+        by_dtype: dict = {}
+        for t in ts:
+            by_dtype.setdefault(t.dtype, []).append(t)
+        for handle in [group[0].all_gather_coalesced(group) for group in by_dtype.values()]:
+            handle.wait()
+        try:
+            return [t.detach().clone() for t in ts]
+        finally:
+            ts[0].partition(param_list=list(ts), has_been_updated=False)
 
     @staticmethod
     def local_flat(w):
@@ -252,10 +249,6 @@ class Zero3(Engine):
     @staticmethod
     def replicas(w) -> int:
         return torch.distributed.get_world_size() // torch.distributed.get_world_size(group=w.ds_process_group)
-
-    @staticmethod
-    def refuses(t) -> bool:
-        return hasattr(t, "ds_id")
 
 
 ENGINES = (Fsdp2, Zero3, Fsdp1)
@@ -304,21 +297,26 @@ def whole(layer, name: str, adapter: str) -> torch.Tensor:
 
 
 def whole_many(layers_names: list) -> list:
-    """`whole(layer, name, adapter)` of each `(layer, name, adapter)`, in order: one collective per engine
-    (FSDP1 / ZeRO-3 in grad mode: what the forward captured, none)."""
+    """`whole` of each `(layer, name, adapter)`, in order: one collective per engine (in grad mode FSDP1 and
+    ZeRO-3 read what the forward captured: none)."""
     ts = [tensor_of(*item) for item in layers_names]
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in ts)):
         return gather_many(ts)
-    out: list = [None] * len(ts)
-    held: dict = {}
-    for i, (item, t) in enumerate(zip(layers_names, ts)):
+    return _per_engine(ts, lambda e, t: e.differentiable and t.requires_grad, lambda e, group: e.whole_many(group),
+                       lambda i: whole(*layers_names[i]))
+
+
+def _per_engine(ts: list, joins, read, alone) -> list:
+    """`ts` read in order: by `read(engine, group)`, one call per engine, those `joins(engine, t)`; else `alone(i)`."""
+    out, held = [None] * len(ts), {}
+    for i, t in enumerate(ts):
         found = engine_of(t)
-        if found is not None and found.differentiable and t.requires_grad:
+        if found is not None and joins(found, t):
             held.setdefault(found, []).append(i)
         else:
-            out[i] = whole(*item)
+            out[i] = alone(i)
     for found, idx in held.items():
-        for i, value in zip(idx, found.whole_many([ts[i] for i in idx])):
+        for i, value in zip(idx, read(found, [ts[i] for i in idx])):
             out[i] = value
     return out
 
@@ -334,57 +332,30 @@ def gather(t: torch.Tensor) -> torch.Tensor:
 def gather_many(ts: list) -> list:
     """`gather` of each of `ts`, in order: the tensors each engine holds as shards are gathered together
     (`Engine.gather_many`), the whole ones returned detached. Collective."""
-    out = list(ts)
-    held: dict = {}
-    for i, t in enumerate(ts):
-        found = engine_of(t)
-        if found is not None:
-            held.setdefault(found, []).append(i)
-        else:
-            out[i] = t.detach()
-    for found, idx in held.items():
-        for i, value in zip(idx, found.gather_many([ts[i] for i in idx])):
-            out[i] = value
-    return out
+    return _per_engine(ts, lambda e, t: True, lambda e, group: e.gather_many(group), lambda i: ts[i].detach())
+
+
+@torch.no_grad()
+def written(ts: list) -> None:
+    """After an in-place write into trainable `ts` (whole values, or `local_flat` views): DeepSpeed's fp32
+    master copies take it, or the next step writes the old values back (ZeRO-3: also the rank's partition of
+    a tensor kept whole on every rank). FSDP steps the shards themselves. Not a collective."""
+    for t in ts:
+        if hasattr(t, "ds_id") or hasattr(t, "_hp_mapping"):
+            from deepspeed.utils import safe_set_full_fp32_param, safe_set_local_fp32_param
+        if hasattr(t, "ds_id"):
+            if not Zero3.holds_shard(t):  # whole here: the rank's partition follows `data`
+                part, start = Zero3.local_flat(t)
+                part.copy_(t.data.view(-1)[start:start + part.numel()])
+            safe_set_local_fp32_param(t, t.ds_tensor)
+        elif hasattr(t, "_hp_mapping"):  # ZeRO-1/2: whole tensors
+            safe_set_full_fp32_param(t, t.data)
 
 
 def local_flat(w: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(a 1-D view of the elements of `w` this rank holds, their first index in the row-major whole)."""
     found = engine_of(w)
     return (w.data.view(-1), 0) if found is None else found.local_flat(w)
-
-
-def local_product(w: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(view of this rank's elements of `w`, the same elements of `left @ right`): its rows of
-    `left` times the whole `right`, cut to the flat range the rank holds."""
-    view, start = local_flat(w)
-    n, cols = view.numel(), right.shape[1]
-    if n == 0:
-        return view, view.new_zeros(0, dtype=left.dtype)
-    r0, r1 = start // cols, (start + n - 1) // cols + 1
-    block = (left[r0:r1] @ right).reshape(-1)
-    return view, block[start - r0 * cols:start - r0 * cols + n]
-
-
-@torch.no_grad()
-def matvec(w: torch.Tensor, v: torch.Tensor, transposed: bool = False) -> torch.Tensor:
-    """`w @ v` (`wᵀ @ v` if `transposed`) for a 2-D `w`, from the shards (collective when sharded)."""
-    found = engine_of(w)
-    if found is None:
-        m = w.detach().to(v.dtype)
-        return (m.T if transposed else m) @ v
-    view, start = found.local_flat(w)
-    rows, cols = w.shape
-    out = torch.zeros(cols if transposed else rows, dtype=v.dtype, device=v.device)
-    idx = torch.arange(start, start + view.numel(), device=v.device)
-    r, c = idx // cols, idx % cols
-    vals = view.to(v.dtype)
-    if transposed:
-        out.index_add_(0, c, vals * v[r])
-    else:
-        out.index_add_(0, r, vals * v[c])
-    torch.distributed.all_reduce(out)
-    return out / found.replicas(w)
 
 
 def unsupported(layers, adapter: str) -> Optional[str]:

@@ -20,7 +20,7 @@ from transformers import Trainer, TrainerCallback
 from . import finite, sharding
 from .driver import Driver, drivers
 from .errors import ForgeConfigError, require
-from .optimizer_hooks import pin_constant_lr
+from .optimizer_hooks import mark_idle, pin_constant_lr
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +40,12 @@ class _ForgeCallback(TrainerCallback):
         finite.note_output_dir(args.output_dir)
         if optimizer is not None:  # the scheduler's first value (0 in a warmup) must not reach the gates
             pin_constant_lr(optimizer)
+        if state.global_step > 0 and getattr(self.trainer, "is_deepspeed_enabled", False):
+            # DeepSpeed's resume loads the module (the adapter's buffers) before its optimizer writes the
+            # trainable weights back from the fp32 partitions: re-read the adapter's state with both in place
+            # (in-place Delta-LoRA rebuilds W from the restored factors; ZeRO-3 saves no frozen weight).
+            for layer in {id(x): x for d in self.trainer.forge_drivers() for x in d.layers}.values():
+                layer.refresh_axes()
         for d in self.trainer.forge_drivers():
             if d.step != state.global_step:
                 raise RuntimeError(
@@ -48,11 +54,16 @@ class _ForgeCallback(TrainerCallback):
                 )
             d.begin(state.max_steps)
 
+    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+        if optimizer is not None:
+            mark_idle(optimizer, {n for d in self.trainer.forge_drivers() for n in d.idle_groups()})
+
     @torch.no_grad()
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
         if optimizer is not None:  # after the scheduler's step: the group shows the lr it will step at
             pin_constant_lr(optimizer)
-        # DeepSpeed ZeRO-1/2 steps a torch optimizer over flat fp32 master partitions, not over the
+            mark_idle(optimizer, set())  # the flags hold for one step only (a checkpoint saves none set)
+        # DeepSpeed ZeRO (1, 2, 3) steps a torch optimizer over flat fp32 master partitions, not over the
         # adapter's parameters, so the optimizer hook never sees this adapter: drive its post-step
         # work here, once per optimizer step (a driver the hook already advanced is at global_step).
         for d in self.trainer.forge_drivers():

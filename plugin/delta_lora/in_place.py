@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from ..core import sharding
+from ..core import shard_math, sharding
 from ..core.errors import ForgeConfigError
 from ..core.quantized import is_quantized, quantization_name
 from .fingerprint import HALF, state_dtype
@@ -103,13 +103,13 @@ class InPlacePropagation(DeltaPropagation):
 
     def _add_to_weight(self, terms) -> None:
         """W += coef · Σ sign·B A, on the elements of W this rank holds (all of W when unsharded): its
-        rows of the stacked B times the whole stacked A (core/sharding.py), never a whole sharded W."""
+        rows of the stacked B times the whole stacked A (core/shard_math.py), never a whole sharded W."""
         w, dtype = self.weight, state_dtype(self.weight.dtype)
         left = torch.cat([sign * self.coef * b.detach().to(dtype) for sign, b, _ in terms], dim=1)
         right = torch.cat([a.detach().to(dtype) for _, _, a in terms], dim=0)
         if self.layer.fan_in_fan_out:  # W is stored as (B A)ᵀ = Aᵀ Bᵀ
             left, right = right.T, left.T
-        local, delta = sharding.local_product(w, left, right)
+        local, delta = shard_math.local_product(w, left, right)
         if w.dtype not in HALF:
             local.add_(delta.to(w.dtype))
             return

@@ -235,6 +235,7 @@ class ScheduleBudget:
         sizes = self.c.sampler.sizes
         parts = la.view(len(sizes), sizes[0]).unbind(0) if self.c.sampler.same_rank else la.split(sizes)
         torch._foreach_copy_([a.log_alpha.data for a in self.c.axes], list(parts))
+        sharding.written([a.log_alpha for a in self.c.axes])  # DeepSpeed's fp32 master copies too
 
     def _land(self, la: torch.Tensor, target: float) -> tuple[torch.Tensor, torch.Tensor]:
         """`la` (all logits, float32) moved by -μ·∂C/∂logit, scaled so the largest move is |μ| <= 1 logit

@@ -27,6 +27,7 @@ import torch
 
 from ..core import sharding
 from ..core.controller import CONSTANT_LR, Controller
+from ..core.errors import require
 from .budget import BUDGETS
 from .layer import GateSampler, phase_at, prob_nonzero
 from .orth import orth_penalty
@@ -153,6 +154,13 @@ class SaLoRAController(Controller):
     def begin(self, max_steps: Optional[int]) -> None:
         self.sync()
         self.budget.begin()
+        # Measured on DeepSpeed 0.19.8 (2 CPU ranks): the first step after such a resume fails in backward,
+        # the orthogonal term's gradient meeting a lora_B that ZeRO-3 holds partitioned.
+        require(self.step == 0 or not any(getattr(p, "ds_persist", False) for p in self.driver.parameters()),
+                "stage3_param_persistence_threshold",
+                "SaLoRA does not resume under DeepSpeed ZeRO-3 while adapter tensors stay whole under the persistence "
+                "threshold; set zero_optimization.stage3_param_persistence_threshold: 0 in the DeepSpeed config to "
+                "resume (every tensor partitioned). No parameter has been updated.")
         if self.start < 0:
             self.start, self.end = self.config.resolve_window(max_steps)
             self._write("lora_salora_window", [self.start, self.end], slice(0, 2))
@@ -194,6 +202,9 @@ class SaLoRAController(Controller):
     def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
         return [{"params": [a.log_alpha for a in self.axes], "lr": self.config.gate_lr, "weight_decay": 0.0,
                  CONSTANT_LR: self.config.gate_lr, "name": "salora_gates"}]
+
+    def idle_groups(self) -> set[str]:
+        return set() if self.in_window() else {"salora_gates"}
 
     def before_step(self) -> None:
         # Outside the window the logits must take no step: FSDP1 hands every parameter a gradient
