@@ -119,8 +119,9 @@ class ScheduleBudget:
         where = [a for a in self.c.axes
                  if sharding.engine(a.log_alpha) == "zero3" and not getattr(a.log_alpha, "ds_persist", False)]
         require(not where, "budget_control",
-                "'schedule' does not run on ZeRO-3-partitioned gate logits yet; set budget_control='paper' under "
-                "ZeRO-3, or FSDP / DDP, where the schedule works. No parameter has been updated.")
+                "'schedule' does not run on zero3-sharded gate logits yet; set budget_control='paper' under ZeRO-3 "
+                "(FSDP and DDP run the schedule) or keep the logits whole (stage3_param_persistence_threshold above "
+                "their size). No parameter has been updated.")
 
     def sharded(self) -> bool:
         """Whether this rank holds only shards of the logits (FSDP / ZeRO-3) outside the forward."""
