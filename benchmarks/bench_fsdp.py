@@ -10,16 +10,19 @@ Per engine, the methods run round-robin (`--rounds` rounds of `--steps` timed Ad
 `--warmup`), each round's time is the slowest rank's wall time (barrier before and after), and the
 table prints the median over rounds of each method's time divided by LoRA's of the same round.
 The hand loop is the one `LoraForgeTrainer` runs (loss + `regularization_loss()`, driver param
-groups); SaLoRA is timed inside its window (gates sampled, density and λ term, λ update), where it
-does the most work. What sharding adds for the methods is in `core/sharding.py`: SaLoRA gathers
-its A, B and logits once per step for the loss (FSDP2; FSDP1 reuses the forward's), Delta-LoRA
-gathers A and B after each step (small) and writes only the rank's rows of W (in place).
+groups); SaLoRA (the default "schedule" budget control; salora_paper: "paper") is timed inside its
+window (gates sampled, density and budget work), where it does the most work. What sharding adds for
+the methods is in `core/sharding.py`: SaLoRA reads its A, B (and, "paper", its logits) for the loss in
+one all-gather per step (FSDP2; FSDP1 reuses the forward's), the schedule control gathers all logits
+once after the step; in-place Delta-LoRA gathers all A and B once after the step and writes only the
+rank's elements of W.
 ZeRO-3 runs DeepSpeed's engine (`deepspeed.initialize`, its `backward` and `step`) with the
 persistence threshold Axolotl's zero3.json gives ("auto": 10 x hidden size), so small adapter
 tensors stay whole on every rank and the rest is partitioned. "collectives/step" counts the
 process group's operations (gloo / NCCL, barriers excluded) in one step after the timed rounds; in
 brackets those inside loraforge's loss term and, under ZeRO-3, its post-step work (under DDP / FSDP
-the post-step work runs inside the optimizer's step and is not bracketed).
+the post-step work runs inside the optimizer's step and is not bracketed); "vs LoRA": what the method
+adds to LoRA's (2 of them, under DDP / FSDP, the non-finite guard's, before and after the step).
 """
 from __future__ import annotations
 
@@ -43,7 +46,7 @@ PRESETS = {
                 steps=10, warmup=3, rounds=5, device="cuda", backend="nccl"),
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-METHODS = ["lora", "salora", "delta_folded", "delta_in_place"]
+METHODS = ["lora", "salora", "salora_paper", "delta_folded", "delta_in_place"]
 ENGINES = ["ddp", "fsdp2", "fsdp1", "zero3"]
 
 
@@ -60,8 +63,9 @@ def adapter_config(method: str, steps: int):
     common = dict(r=8, lora_alpha=16, target_modules=TARGETS, lora_dropout=0.0)
     if method == "lora":
         return LoraConfig(**common)
-    if method == "salora":  # window over the whole run: every timed step is inside it
-        return loraforge.SaLoRAConfig(**common, window_start=0, window_end=10 ** 6)
+    if method.startswith("salora"):  # window over the whole run: every timed step is inside it
+        budget = dict(budget_control="paper") if method == "salora_paper" else {}  # "salora": the default schedule
+        return loraforge.SaLoRAConfig(**common, window_start=0, window_end=10 ** 6, **budget)
     return loraforge.DeltaLoRAConfig(**common, start_step=0, update_ratio=2.0, propagation=method.split("_", 1)[1])
 
 
@@ -81,7 +85,7 @@ def build(method: str, engine: str, p: dict, device: torch.device):
     model = LlamaForCausalLM(cfg).to(getattr(torch, p["dtype"])).to(device)
     peft_model = get_peft_model(model, adapter_config(method, p["steps"]))
     if engine == "ddp":
-        wrapped = torch.nn.parallel.DistributedDataParallel(peft_model, find_unused_parameters=method == "salora")
+        wrapped = torch.nn.parallel.DistributedDataParallel(peft_model, find_unused_parameters=method.startswith("salora"))
     elif engine == "fsdp2":
         mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
         for layer in peft_model.base_model.model.model.layers:
@@ -182,14 +186,15 @@ def main() -> int:
         counts = {m: collectives(runs[m]) for m in METHODS}
         for m in METHODS:
             ratios = [t / ref for t, ref in zip(times[m], times["lora"])]
-            rows.append([engine, m, f"{median(ratios):.3f}", f"{median(times[m]) * 1e3:.1f}", "%d (%d)" % counts[m]])
+            rows.append([engine, m, f"{median(ratios):.3f}", f"{median(times[m]) * 1e3:.1f}", "%d (%d)" % counts[m],
+                         f"{counts[m][0] - counts['lora'][0]:+d}"])
         del built, runs
     if rank == 0:
         world = torch.distributed.get_world_size()
         print(f"preset {args.preset}: {world} ranks ({p['backend']}), batch {p['batch']}x{p['seq']} per rank, "
               f"{p['dtype']}, r=8 on {len(TARGETS)} linears x {p['layers']} layers; median of {p['rounds']} rounds")
         print(table(rows, ["engine", "method", "step time x LoRA (same engine)", "ms/step",
-                           "collectives/step (loraforge's own)"]))
+                           "collectives/step (loraforge's own)", "vs LoRA"]))
         for engine in args.engines[1:]:
             print(f"LoRA under {engine} vs ddp: {base[engine] / base[args.engines[0]]:.3f}x")
     torch.distributed.destroy_process_group()

@@ -128,3 +128,45 @@ def axolotl_workdir(root, attention=("q_proj", "k_proj", "v_proj", "o_proj")):
     for path in (Path(__file__).resolve().parents[1] / "example_configs" / "axolotl" / "tiny").glob("*.yaml"):
         shutil.copy(path, root)
     return root
+
+
+class CollectiveCounter:
+    """Counts the collectives this process calls while active (`with CollectiveCounter() as n: ...;
+    n.count`): every public collective of `torch.distributed` and of its functional collectives
+    (DTensor's), the outermost call only (one that calls another counts once). For tests and benchmarks."""
+
+    _KINDS = ("all_", "reduce", "broadcast", "scatter", "gather")
+
+    def __init__(self) -> None:
+        self.count, self.names, self._depth, self._saved = 0, {}, 0, []
+
+    def __enter__(self) -> "CollectiveCounter":
+        import torch.distributed as dist
+        import torch.distributed._functional_collectives as funcol
+
+        for module in (dist, funcol):
+            for name in dir(module):
+                fn = getattr(module, name)
+                if (name.startswith(self._KINDS) and callable(fn) and not isinstance(fn, type)
+                        and not name.endswith(("_backward", "_setup_context"))):
+                    self._saved.append((module, name, fn))
+                    setattr(module, name, self._wrap(name, fn))
+        return self
+
+    def _wrap(self, name: str, fn):
+        @functools.wraps(fn)
+        def counted(*args, **kwargs):
+            if self._depth == 0:
+                self.count += 1
+                self.names[name] = self.names.get(name, 0) + 1
+            self._depth += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._depth -= 1
+        return counted
+
+    def __exit__(self, *exc) -> None:
+        for module, name, fn in reversed(self._saved):
+            setattr(module, name, fn)
+        self._saved = []

@@ -15,11 +15,10 @@ each engine has the whole tensor. What the methods need, and how it is got here:
   gradient (every rank adds the same term, the mean of equal terms is the term). The clone, not the
   view, is what the loss saves for backward: the engines free the unsharded storage after forward.
   Outside grad mode it is the current value, gathered (a collective: every rank calls it, as
-  every rank runs the optimizer hook, the logging and the export).
-- `local_product(w, left, right)`: the part of `left @ right` (a low-rank update of `w`, as `w` is
-  stored) at the elements this rank holds of `w`, and a view of those elements, so an in-place
-  update writes only the rank's shard and a whole `w` is never gathered.
-- `matvec(w, v)`: `w @ v` (a fingerprint of the base weight) from the shards.
+  every rank runs the optimizer hook, the logging and the export). `whole_many` / `gather_many`: many
+  at once, one collective per engine (core/flat_gather.py).
+- `local_flat(w)`: the elements of `w` this rank holds, on which core/shard_math.py computes a low-rank
+  update of `w` (written only to the rank's shard; a whole `w` is never gathered) and `w @ v`.
 
 Each engine is one small adapter class (`Fsdp2`, `Fsdp1`, `Zero3`) answering the same four
 questions (gather a whole tensor, the rank's flat range, how many ranks hold an element, what of its
@@ -32,6 +31,8 @@ import weakref
 from typing import Optional
 
 import torch
+
+from . import flat_gather
 
 try:
     from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -99,8 +100,8 @@ class Engine:
     """What loraforge asks of a sharding engine; each subclass answers for one engine."""
 
     name = ""
-    #: Whether the whole tensor it gathers carries the gradient back to the shard (else the loss reads
-    #: what the forward captured, `capture`).
+    #: Whether the whole tensor it gathers carries the gradient back to the shard (`whole_many`; else the
+    #: loss reads what the forward captured, `capture`).
     differentiable = False
     #: Why loraforge refuses a layout `refuses` picks out (formatted with `what` and `t`).
     refusal = ""
@@ -142,13 +143,17 @@ class Fsdp2(Engine):
     def gather(t):
         return t.detach().full_tensor()
 
+    @classmethod
+    def gather_many(cls, ts: list) -> list:
+        return flat_gather.rows(ts, differentiable=False)
+
+    @classmethod
+    def whole_many(cls, ts: list) -> list:
+        return flat_gather.rows(ts, differentiable=True)
+
     @staticmethod
     def local_flat(w):
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-        local = w.to_local()
-        _, offset = compute_local_shape_and_global_offset(w.shape, w.device_mesh, w.placements)
-        return local.data.view(-1), offset[0] * (w.numel() // w.shape[0])
+        return w.to_local().data.view(-1), flat_gather.row_offset(w)
 
     @staticmethod
     def replicas(w) -> int:
@@ -179,27 +184,14 @@ class Fsdp1(Engine):
         # before its lazy init: a driver may read the factors before the first forward.)
         return flat._sharded_size.numel() < flat._unpadded_unsharded_size.numel() or tuple(t.shape) != tuple(flat._shapes[i])
 
-    @staticmethod
-    def gather(t):
-        flat, i = _flat_of(t)
-        info, shape = flat._shard_param_infos[i], flat._shapes[i]
-        n = info.numel_in_shard if info.in_shard else 0
-        start = info.intra_param_start_idx if info.in_shard else 0
-        dist = torch.distributed
-        world = dist.get_world_size()
-        meta = torch.tensor([start, n], dtype=torch.long, device=t.device)
-        metas = [torch.empty_like(meta) for _ in range(world)]
-        dist.all_gather(metas, meta)
-        width = max(int(m[1]) for m in metas)
-        piece = torch.zeros(width, dtype=t.dtype, device=t.device)
-        piece[:n] = t.detach().reshape(-1)[:n]
-        pieces = [torch.empty_like(piece) for _ in range(world)]
-        dist.all_gather(pieces, piece)
-        out = torch.zeros(shape.numel(), dtype=t.dtype, device=t.device)
-        for m, p in zip(metas, pieces):
-            s, k = m.tolist()
-            out[s:s + k] = p[:k]
-        return out.view(shape)
+    @classmethod
+    def gather(cls, t):
+        return cls.gather_many([t])[0]
+
+    @classmethod
+    def gather_many(cls, ts: list) -> list:
+        plan = flat_gather.ranges_plan(ts, _flat_of)
+        return plan.gather([t.detach().reshape(-1)[:n] for t, (_, n) in zip(ts, plan.local)])
 
     @staticmethod
     def local_flat(w):
@@ -304,6 +296,31 @@ def whole(layer, name: str, adapter: str) -> torch.Tensor:
     return gather(t)
 
 
+def whole_many(layers_names: list) -> list:
+    """`whole` of each `(layer, name, adapter)`, in order: one collective per engine (in grad mode FSDP1 and
+    ZeRO-3 read what the forward captured: none)."""
+    ts = [tensor_of(*item) for item in layers_names]
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in ts)):
+        return gather_many(ts)
+    return _per_engine(ts, lambda e, t: e.differentiable and t.requires_grad, lambda e, group: e.whole_many(group),
+                       lambda i: whole(*layers_names[i]))
+
+
+def _per_engine(ts: list, joins, read, alone) -> list:
+    """`ts` read in order: by `read(engine, group)`, one call per engine, those `joins(engine, t)`; else `alone(i)`."""
+    out, held = [None] * len(ts), {}
+    for i, t in enumerate(ts):
+        found = engine_of(t)
+        if found is not None and joins(found, t):
+            held.setdefault(found, []).append(i)
+        else:
+            out[i] = alone(i)
+    for found, idx in held.items():
+        for i, value in zip(idx, read(found, [ts[i] for i in idx])):
+            out[i] = value
+    return out
+
+
 @torch.no_grad()
 def gather(t: torch.Tensor) -> torch.Tensor:
     """The whole current value of a (small) sharded tensor, detached. Collective."""
@@ -315,16 +332,7 @@ def gather(t: torch.Tensor) -> torch.Tensor:
 def gather_many(ts: list) -> list:
     """`gather` of each of `ts`, in order: the tensors each engine holds as shards are gathered together
     (`Engine.gather_many`), the whole ones returned detached. Collective."""
-    out = [t.detach() for t in ts]
-    held: dict = {}
-    for i, t in enumerate(ts):
-        found = engine_of(t)
-        if found is not None:
-            held.setdefault(found, []).append(i)
-    for found, idx in held.items():
-        for i, value in zip(idx, found.gather_many([ts[i] for i in idx])):
-            out[i] = value
-    return out
+    return _per_engine(ts, lambda e, t: True, lambda e, group: e.gather_many(group), lambda i: ts[i].detach())
 
 
 @torch.no_grad()
@@ -348,39 +356,6 @@ def local_flat(w: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(a 1-D view of the elements of `w` this rank holds, their first index in the row-major whole)."""
     found = engine_of(w)
     return (w.data.view(-1), 0) if found is None else found.local_flat(w)
-
-
-def local_product(w: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(view of this rank's elements of `w`, the same elements of `left @ right`): its rows of
-    `left` times the whole `right`, cut to the flat range the rank holds."""
-    view, start = local_flat(w)
-    n, cols = view.numel(), right.shape[1]
-    if n == 0:
-        return view, view.new_zeros(0, dtype=left.dtype)
-    r0, r1 = start // cols, (start + n - 1) // cols + 1
-    block = (left[r0:r1] @ right).reshape(-1)
-    return view, block[start - r0 * cols:start - r0 * cols + n]
-
-
-@torch.no_grad()
-def matvec(w: torch.Tensor, v: torch.Tensor, transposed: bool = False) -> torch.Tensor:
-    """`w @ v` (`wᵀ @ v` if `transposed`) for a 2-D `w`, from the shards (collective when sharded)."""
-    found = engine_of(w)
-    if found is None:
-        m = w.detach().to(v.dtype)
-        return (m.T if transposed else m) @ v
-    view, start = found.local_flat(w)
-    rows, cols = getattr(w, "ds_shape", w.shape)  # ZeRO-3: `shape` is the empty data's
-    out = torch.zeros(cols if transposed else rows, dtype=v.dtype, device=v.device)
-    idx = torch.arange(start, start + view.numel(), device=v.device)
-    r, c = idx // cols, idx % cols
-    vals = view.to(v.dtype)
-    if transposed:
-        out.index_add_(0, c, vals * v[r])
-    else:
-        out.index_add_(0, r, vals * v[c])
-    torch.distributed.all_reduce(out)
-    return out / found.replicas(w)
 
 
 def unsupported(layers, adapter: str) -> Optional[str]:

@@ -11,7 +11,7 @@ import warnings
 
 import torch
 
-from ..core import sharding
+from ..core import shard_math
 
 HALF = (torch.float16, torch.bfloat16)
 _PRINT_SEED = 20230901  # any fixed seed: the probe must be the same at save and at load
@@ -30,7 +30,7 @@ def probe(d_in: int, dtype: torch.dtype, device) -> torch.Tensor:
 
 def print_of(layer, w: torch.Tensor) -> torch.Tensor:
     """`W v` of `layer`'s base weight `w` (collective when sharded)."""
-    return sharding.matvec(w, probe(layer.in_features, state_dtype(w.dtype), w.device), transposed=layer.fan_in_fan_out)
+    return shard_math.matvec(w, probe(layer.in_features, state_dtype(w.dtype), w.device), transposed=layer.fan_in_fan_out)
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from ..core import sharding
+from ..core import shard_math, sharding
 from ..core.errors import ForgeConfigError
 from ..core.quantized import is_quantized, quantization_name
 from .fingerprint import HALF, state_dtype
@@ -37,13 +37,14 @@ class InPlacePropagation(DeltaPropagation):
         super().__init__(layer, adapter, config)
 
     @torch.no_grad()
-    def snapshot(self, step: int) -> None:
-        super().snapshot(step)
-        b, a = self.factors()
+    def snapshot(self, step: int, factors: Optional[tuple] = None) -> None:
+        factors = factors or self.factors()
+        super().snapshot(step, factors)
+        b, a = factors
         self.applied, self.applied_snapshot = (b.detach().clone(), a.detach().clone()), None  # D = 0 is in W
 
-    def after_step(self) -> None:
-        self.propagate()
+    def after_step(self, factors: Optional[tuple] = None) -> None:
+        self.propagate(factors)
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         """W and the fp32 residual, saved with trainer checkpoints (core/checkpoint.py). Rebuilding W from
@@ -69,11 +70,11 @@ class InPlacePropagation(DeltaPropagation):
         self.applied_snapshot = None
 
     @torch.no_grad()
-    def propagate(self) -> None:
-        """After an optimizer step t > K: `W += λ·s·(P_{t+1} - P_t)`."""
+    def propagate(self, factors: Optional[tuple] = None) -> None:
+        """After an optimizer step t > K: `W += λ·s·(P_{t+1} - P_t)` (`factors`: (B, A) now, read already)."""
         if self.applied is None or self.applied_snapshot is not None:
-            return self._write_difference(self.target())  # after an interrupted load: the general path
-        b, a = self.factors()
+            return self._write_difference(self.target(factors))  # after an interrupted load: the general path
+        b, a = factors or self.factors()
         w, (b_old, a_old) = self.layer.get_base_layer().weight, self.applied
         if sharding.engine(w) is None and w.dtype not in HALF and w.dtype == b.dtype == a.dtype == b_old.dtype:
             # W += coef·[B, B_old] [A; -A_old]: one rank-2r product accumulated into W (the difference is formed
@@ -102,13 +103,13 @@ class InPlacePropagation(DeltaPropagation):
 
     def _add_to_weight(self, terms) -> None:
         """W += coef · Σ sign·B A, on the elements of W this rank holds (all of W when unsharded): its
-        rows of the stacked B times the whole stacked A (core/sharding.py), never a whole sharded W."""
+        rows of the stacked B times the whole stacked A (core/shard_math.py), never a whole sharded W."""
         w, dtype = self.weight, state_dtype(self.weight.dtype)
         left = torch.cat([sign * self.coef * b.detach().to(dtype) for sign, b, _ in terms], dim=1)
         right = torch.cat([a.detach().to(dtype) for _, _, a in terms], dim=0)
         if self.layer.fan_in_fan_out:  # W is stored as (B A)ᵀ = Aᵀ Bᵀ
             left, right = right.T, left.T
-        local, delta = sharding.local_product(w, left, right)
+        local, delta = shard_math.local_product(w, left, right)
         if w.dtype not in HALF:
             local.add_(delta.to(w.dtype))
             return

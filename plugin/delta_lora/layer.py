@@ -81,11 +81,15 @@ class DeltaPropagation(Axis):
     def snapshot_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.layer.lora_delta_BK[self.adapter], self.layer.lora_delta_AK[self.adapter]
 
-    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B·diag(ĝ), A) now; the eval gate only when another axis gates this adapter."""
+    def gated(self) -> bool:
+        """Whether another axis gates this adapter (then `factors` folds its eval gate into B)."""
         if self._gated is None:
             self._gated = any(type(ax).rank_gate is not Axis.rank_gate for ax in self.layer.forge_axes[self.adapter])
-        if self._gated:
+        return self._gated
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B·diag(ĝ), A) now; the eval gate only when another axis gates this adapter."""
+        if self.gated():
             return self.layer.factors(self.adapter)
         return sharding.whole(self.layer, "lora_B", self.adapter), sharding.whole(self.layer, "lora_A", self.adapter)
 
@@ -105,25 +109,26 @@ class DeltaPropagation(Axis):
             out += sign * (b.detach().to(v.dtype) @ (a.detach().to(v.dtype) @ v))
         return out * self.coef
 
-    def target(self) -> Optional[tuple[torch.Tensor, ...]]:
-        """The factors whose D the trained function holds now (None before the snapshot)."""
+    def target(self, factors: Optional[tuple] = None) -> Optional[tuple[torch.Tensor, ...]]:
+        """The factors whose D the trained function holds now (None before the snapshot); `factors`: this
+        axis's (B, A) read already (`DeltaLoRAController.whole_factors`)."""
         if not self.taken:
             return None
-        return (*self.factors(), *self.snapshot_factors())
+        return (*(factors or self.factors()), *self.snapshot_factors())
 
     # training -------------------------------------------------------------------------------
     @torch.no_grad()
-    def snapshot(self, step: int) -> None:
-        """Take (B_K, A_K) = the factors right after optimizer step `step` (= K)."""
-        b, a = self.factors()
+    def snapshot(self, step: int, factors: Optional[tuple] = None) -> None:
+        """Take (B_K, A_K) = the factors right after optimizer step `step` (= K) (`factors`: read already)."""
+        b, a = factors or self.factors()
         bk, ak = self.snapshot_factors()
         bk.copy_(b)
         ak.copy_(a)
         self.layer.lora_delta_steps[self.adapter][1] = step
         self.taken = True
 
-    def after_step(self) -> None:
-        """After an optimizer step t > K (the controller calls it)."""
+    def after_step(self, factors: Optional[tuple] = None) -> None:
+        """After an optimizer step t > K (the controller calls it; `factors`: (B, A) read already)."""
 
     def written_terms(self) -> list:
         """The terms of what this axis has written into W beyond W_0 (none: it never writes W)."""
@@ -137,9 +142,9 @@ class DeltaPropagation(Axis):
         b2 = torch.cat([(1 + self.ratio) * b, -self.coef * bk.to(b.dtype)], dim=1)
         return b2, torch.cat([a, ak.to(a.dtype)], dim=0)
 
-    def shift_sq_norm(self) -> float:
+    def shift_sq_norm(self, factors: Optional[tuple] = None) -> float:
         """||D||_F² from 2r × 2r Gram matrices (no dense d_out × d_in product)."""
-        target = self.target()
+        target = self.target(factors)
         if target is None:
             return 0.0
         b, a, bk, ak = (t.detach().double() for t in target)

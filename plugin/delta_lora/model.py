@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from ..core import finite
+from ..core import finite, sharding
 from ..core.controller import Controller
 from .layer import DeltaPropagation
 
@@ -38,9 +38,10 @@ class DeltaLoRAController(Controller):
 
     def _catch_up(self, step: int) -> None:
         missing = [ax for ax in self.axes if not ax.taken]
-        if step == self.start_step:
+        if step == self.start_step and missing:
+            read = dict(zip(map(id, self.axes), self.whole_factors()))  # one call for all layers
             for ax in missing:
-                ax.snapshot(step)
+                ax.snapshot(step, read[id(ax)])
         elif step > self.start_step and missing:
             raise RuntimeError(
                 f"Delta-LoRA: the adapter has taken {step} optimizer steps, past start_step={self.start_step}, but "
@@ -68,17 +69,31 @@ class DeltaLoRAController(Controller):
         if step > self.start_step and not getattr(self.driver, "step_skipped", False):  # skipped: nothing moved
             # Only in-place propagation writes W (it refuses quantised bases, so W's own dtype is a float one);
             # `ax.weight` would dequantise a bnb base, and its dtype is not what a write would overflow.
-            applied = [(*ax.factors(), *ax.applied) for ax in self.axes if getattr(ax, "applied", None) is not None]
+            if all(type(ax).after_step is DeltaPropagation.after_step for ax in self.axes):
+                return  # folded: nothing to do after a step (and nothing to read)
+            factors = self.whole_factors()
+            applied = [(*f, *ax.applied) for ax, f in zip(self.axes, factors) if getattr(ax, "applied", None) is not None]
             w_dtype = self.axes[0].layer.get_base_layer().weight.dtype
             if applied and not finite.bounded_update(applied, max(abs(ax.coef) for ax in self.axes), w_dtype):
                 return finite.count_bad_step(step, "W += λ·s·(B A - B_K A_K) would overflow W (the factors blew up)")
-            for ax in self.axes:
-                ax.after_step()  # in place: W += λ·s·(P_{t+1} - P_t); folded: nothing
+            for ax, f in zip(self.axes, factors):
+                ax.after_step(f)  # in place: W += λ·s·(P_{t+1} - P_t); folded: nothing
+
+    def whole_factors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(B·diag(ĝ), A) of every axis, whole (`DeltaPropagation.factors`): the ungated ones read in one
+        call, one collective when sharded (core/sharding.py)."""
+        plain = [ax for ax in self.axes if not ax.gated()]
+        read = iter(sharding.gather_many([sharding.tensor_of(ax.layer, name, ax.adapter) for ax in plain
+                                          for name in ("lora_B", "lora_A")]))
+        return [ax.factors() if ax.gated() else (next(read), next(read)) for ax in self.axes]
 
     @torch.no_grad()
     def log_values(self) -> dict[str, float]:
         """||λ·s·(B A - B_K A_K)||_F over all layers: how far the (effective) W has moved from W_0."""
-        return {"delta_lora/w_shift_norm": max(0.0, sum(ax.shift_sq_norm() for ax in self.axes)) ** 0.5}
+        if not any(ax.taken for ax in self.axes):
+            return {"delta_lora/w_shift_norm": 0.0}
+        total = sum(ax.shift_sq_norm(f) for ax, f in zip(self.axes, self.whole_factors()))
+        return {"delta_lora/w_shift_norm": max(0.0, total) ** 0.5}
 
     def on_train_end(self, output_dir: Optional[str]) -> None:
         if self.driver.step <= self.start_step:

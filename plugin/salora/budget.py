@@ -66,12 +66,19 @@ class PaperBudget:
         self.c = controller
         self._last_density: Optional[torch.Tensor] = None
 
+    #: The loss term reads the whole logits (the controller reads them with the factors, one call).
+    reads_logits = True
+
     def begin(self) -> None:
         pass
 
-    def loss(self) -> torch.Tensor:
+    def before_step(self) -> None:
+        pass
+
+    def loss(self, logits: Optional[list] = None) -> torch.Tensor:
+        """λ·(C - b)² (+ λ1·(C - b)) at the whole `logits` of every layer (None: read them here)."""
         cfg = self.c.config
-        density = self.c.expected_density()
+        density = self.c.expected_density(logits)
         self._last_density = density.detach()
         lam = self.c.lam_state.to(density.device, copy=True)  # after_step updates lam_state in place
         gap = density - cfg.target_density
@@ -105,19 +112,33 @@ class ScheduleBudget:
         self._snapshot: Optional[torch.Tensor] = None  # all logits before the step, flat
         self._snapshot_valid = False
 
-    def begin(self) -> None:
-        # It moves every logit after the step from C over ALL of them (`_land`): on sharded logits each
-        # rank would solve for its own shard. Not built yet: refuse it. (ZeRO-3 keeps tensors under its
-        # persistence threshold whole on every rank from the first forward on: those it runs on.)
-        where = next((sharding.engine(a.log_alpha) for a in self.c.axes
-                      if sharding.engine(a.log_alpha) and not getattr(a.log_alpha, "ds_persist", False)), None)
-        require(where is None, "budget_control",
-                f"'schedule' does not run on {where}-sharded gate logits yet; set budget_control='paper' under "
-                "FSDP / ZeRO-3 (or train with DDP, where the schedule works). No parameter has been updated.")
+    reads_logits = False
 
-    def loss(self) -> None:
-        self._take_snapshot()  # no term in the loss: the budget step follows the optimizer's (`after_step`)
+    def begin(self) -> None:
+        # On ZeRO-3 partitions the rank's writes would also have to reach DeepSpeed's fp32 master copies: not
+        # verified, refused. (Logits under its persistence threshold stay whole on every rank: those it runs on.)
+        where = [a for a in self.c.axes
+                 if sharding.engine(a.log_alpha) == "zero3" and not getattr(a.log_alpha, "ds_persist", False)]
+        require(not where, "budget_control",
+                "'schedule' does not run on zero3-sharded gate logits yet; set budget_control='paper' under ZeRO-3 "
+                "(FSDP and DDP run the schedule) or keep the logits whole (stage3_param_persistence_threshold above "
+                "their size). No parameter has been updated.")
+
+    def sharded(self) -> bool:
+        """Whether this rank holds only shards of the logits (FSDP / ZeRO-3) outside the forward."""
+        return any(sharding.engine(a.log_alpha) is not None for a in self.c.axes)
+
+    def loss(self, logits: Optional[list] = None) -> None:
+        # No term in the loss: the budget step follows the optimizer's (`after_step`). The logits before the
+        # step: here in one op; sharded, in `before_step`, where every engine holds them as shards again.
+        if not self.sharded():
+            self._take_snapshot()
         return None
+
+    @torch.no_grad()
+    def before_step(self) -> None:
+        if self.sharded():  # this rank's elements only: the lerp of `after_step` is elementwise
+            self._snapshot, self._snapshot_valid = self._local_logits(), True
 
     def stepped(self) -> None:
         self._snapshot_valid = False
@@ -144,6 +165,26 @@ class ScheduleBudget:
             return torch.cat(logits)
         return torch.cat(logits, out=out)
 
+    @torch.no_grad()
+    def _local_logits(self) -> torch.Tensor:
+        """The elements of the logits this rank holds (`sharding.local_flat`), concatenated, float32."""
+        return torch.cat([sharding.local_flat(a.log_alpha)[0].float() for a in self.c.axes])
+
+    @torch.no_grad()
+    def _write_local(self, values: torch.Tensor, whole: bool) -> None:
+        """Write this rank's elements of the logits from `values`: all logits concatenated (`whole`), or
+        this rank's elements of them (as `_local_logits` orders them)."""
+        views, parts, offset, mine = [], [], 0, 0
+        for a, size in zip(self.c.axes, self.c.sampler.sizes):
+            view, start = sharding.local_flat(a.log_alpha)
+            if view.numel():
+                first = offset + start if whole else mine
+                views.append(view)
+                parts.append(values[first:first + view.numel()])
+            offset, mine = offset + size, mine + view.numel()
+        if views:
+            torch._foreach_copy_(views, parts)
+
     # the budget control ----------------------------------------------------------------------
     def target_at(self, step: int) -> float:
         """b_t, the density the "schedule" control holds at optimizer step `step` (1-based)."""
@@ -164,13 +205,22 @@ class ScheduleBudget:
         (the gradient step of μ·(C - b_t) whose μ is solved on the monotone C(μ) rather than
         ascended), and in the hold also sharpen them (away from the ĝ > 0 threshold, C kept on b_t).
         All of it runs on the logits concatenated into one float32 vector, written back to the layers by
-        one multi-tensor copy: the op count does not grow with the number of layers."""
+        one multi-tensor copy: the op count does not grow with the number of layers.
+
+        Sharded (FSDP / ZeRO-3), each rank scales the move of the elements it holds, then all logits are
+        gathered (one collective), every rank computes the same μ and sharpening from the whole vector
+        and writes back the elements it holds: the ranks end where one process ends."""
         cfg = self.c.config
-        la = self._flat_logits()
+        sharded = self.sharded()
+        la = self._local_logits() if sharded else self._flat_logits()
         gain = self.gate_gain()
         if self._snapshot_valid and gain > 1.0:
             la = torch.lerp(self._snapshot, la, gain)  # snapshot + gain · (the optimizer's move)
+            if sharded:
+                self._write_local(la, whole=False)
         self._snapshot_valid = False
+        if sharded:
+            la = torch.cat([x.reshape(-1).float() for x in sharding.gather_many([a.log_alpha for a in self.c.axes])])
         target = self.target_at(step)
         la, mu = self._land(la, target)
         # Λ (the multiplier summed over the window: rises, then settles) and μ of this step, in one op.
@@ -182,6 +232,8 @@ class ScheduleBudget:
             factor = SHARPEN ** (1.0 / max(1.0, window * (1.0 - SCHEDULE_END)))
             la = (la - threshold).mul_(factor).add_(threshold)
             la, _ = self._land(la, target)  # part of the sharpening, not of the multiplier's work
+        if sharded:
+            return self._write_local(la, whole=True)
         sizes = self.c.sampler.sizes
         parts = la.view(len(sizes), sizes[0]).unbind(0) if self.c.sampler.same_rank else la.split(sizes)
         torch._foreach_copy_([a.log_alpha.data for a in self.c.axes], list(parts))

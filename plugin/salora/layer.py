@@ -108,14 +108,16 @@ class GateSampler:
         for i, axis in enumerate(axes):
             axis.sampler, axis.slot = self, i
 
-    def logits(self, fresh: bool = True) -> torch.Tensor:
-        """All logits, (layers, r) when the ranks agree (stacked), else one flat vector.
+    def logits(self, fresh: bool = True, params: Optional[list] = None) -> torch.Tensor:
+        """All logits, (layers, r) when the ranks agree (stacked), else one flat vector (of `params`, each
+        layer's whole logits, when the caller read them already).
 
         `fresh=False` (the loss's expected L0) reuses the stack of the latest draw while it is valid:
         the parameters keep their versions and no optimizer step came since (`forget`; fused optimizers
         update in place without bumping versions). The forward's sample and the loss's expected L0 then
         share one stack, so backward splits the logits' gradient once, not twice."""
-        params = [a.logits() for a in self.axes]  # whole under FSDP / ZeRO-3, with their gradients
+        if params is None:
+            params = [a.logits() for a in self.axes]  # whole under FSDP / ZeRO-3, with their gradients
         key = (tuple(p._version for p in params), torch.is_grad_enabled())
         cached = self._stacked
         if not fresh and cached is not None and cached[1] == key and all(a is b for a, b in zip(cached[2], params)):
@@ -227,16 +229,18 @@ class HardConcreteGate(Axis):
         self.phase = phase_at(self.layer.step_count(self.adapter), start, end, frozen)
 
     # the gate --------------------------------------------------------------------------------
-    def deterministic(self) -> torch.Tensor:
-        return deterministic_gate(self.logits(), self.config.gamma, self.config.zeta)
+    def deterministic(self, whole_logits: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """ĝ from the whole logits (`whole_logits`, when read already)."""
+        logits = self.logits() if whole_logits is None else whole_logits
+        return deterministic_gate(logits, self.config.gamma, self.config.zeta)
 
-    def eval_gate(self) -> torch.Tensor:
+    def eval_gate(self, whole_logits: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The gate of eval mode, merge and export."""
         if self.phase == "frozen":
             return self.frozen_gate
         if self.phase == "ones":
             return torch.ones_like(self.frozen_gate)
-        return self.deterministic().detach()
+        return self.deterministic(whole_logits).detach()
 
     def rank_gate(self) -> Optional[torch.Tensor]:
         if self.phase == "ones":

@@ -121,22 +121,34 @@ class SaLoRAController(Controller):
         return not self.frozen and 0 <= self.start <= self.step < self.end
 
     # quantities ------------------------------------------------------------------------------
-    def expected_density(self) -> torch.Tensor:
-        """C = Σ_i P(g_i > 0)·(d_in + d_out) / Σ_i (d_in + d_out) over all ranks: one op chain."""
+    def expected_density(self, whole_logits: Optional[list] = None) -> torch.Tensor:
+        """C = Σ_i P(g_i > 0)·(d_in + d_out) / Σ_i (d_in + d_out) over all ranks: one op chain (from
+        `whole_logits`, each layer's whole logits, when the caller read them already)."""
         cfg = self.config
-        logits = self.sampler.logits(fresh=False)
+        logits = self.sampler.logits(fresh=False, params=whole_logits)
         weight = self.constant("weight", logits.device, lambda: self.rank_weight.view(logits.shape))
         return (prob_nonzero(logits.float(), cfg.temperature, cfg.gamma, cfg.zeta) * weight).sum() / self.total_weight
 
-    def factors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """(A_i for every layer, B_i for every layer): the one place the regulariser reads the factors;
-        whole, with their gradients, under FSDP / ZeRO-3 (core/sharding.py)."""
-        return ([sharding.whole(a.layer, "lora_A", self.adapter) for a in self.axes],
-                [sharding.whole(a.layer, "lora_B", self.adapter) for a in self.axes])
+    def read(self, factors: bool = True, logits: bool = False) -> tuple[list, list, list]:
+        """(A_i, B_i, logits_i for every layer; [] for what is not asked): the one place the loss terms and
+        the logs read them. Whole, with their gradients in grad mode, under FSDP / ZeRO-3: all of them
+        in one call, one collective when they must be gathered (core/sharding.py)."""
+        names = (["lora_A", "lora_B"] if factors else []) + (["lora_gate_logits"] if logits else [])
+        values = sharding.whole_many([(a.layer, name, self.adapter) for name in names for a in self.axes])
+        k = len(self.axes)
+        parts = [values[i * k:(i + 1) * k] for i in range(len(names))]
+        if not factors:
+            parts = [[], [], *parts]
+        return parts[0], parts[1], parts[2] if logits else []
 
-    def orth_loss(self, scale: float = 1.0) -> torch.Tensor:
-        """scale · Σ_i ||B_iᵀB_i - I||_F² + ||A_iA_iᵀ - I||_F² (float32), batched over same-shape factors."""
-        return orth_penalty(*self.factors(), scale=scale)
+    def factors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(A_i for every layer, B_i for every layer), whole (see `read`)."""
+        return self.read()[:2]
+
+    def orth_loss(self, scale: float = 1.0, factors: Optional[tuple] = None) -> torch.Tensor:
+        """scale · Σ_i ||B_iᵀB_i - I||_F² + ||A_iA_iᵀ - I||_F² (float32), batched over same-shape factors
+        (`factors`: (A list, B list) read already)."""
+        return orth_penalty(*(factors or self.factors()), scale=scale)
 
     # protocol --------------------------------------------------------------------------------
     def begin(self, max_steps: Optional[int]) -> None:
@@ -169,11 +181,13 @@ class SaLoRAController(Controller):
     def regularization_loss(self) -> Optional[torch.Tensor]:
         cfg = self.config
         loss = None
+        window = self.in_window()
+        a, b, logits = self.read(factors=bool(cfg.orth_reg_weight), logits=window and self.budget.reads_logits)
         if cfg.orth_reg_weight:
             k = len(self.axes) if cfg.orth_reg_reduction == "mean" else 1
-            loss = self.orth_loss(scale=cfg.orth_reg_weight / k)  # β·R_orth (/ K): the scale applied inside
-        if self.in_window():
-            term = self.budget.loss()
+            loss = self.orth_loss(cfg.orth_reg_weight / k, (a, b))  # β·R_orth (/ K): the scale applied inside
+        if window:
+            term = self.budget.loss(logits or None)
             if term is not None:
                 loss = term if loss is None else loss + term
         return loss
@@ -198,6 +212,8 @@ class SaLoRAController(Controller):
         if not self.in_window():
             for axis in self.axes:
                 axis.log_alpha.grad = None
+        else:
+            self.budget.before_step()
 
     @torch.no_grad()
     def on_step_end(self, step: int, max_steps: Optional[int]) -> None:
@@ -218,19 +234,20 @@ class SaLoRAController(Controller):
         self._set_phases()
 
     @torch.no_grad()
-    def summary(self) -> dict:
-        return summarize(module_gates(self.axes), self.config)
+    def summary(self, whole_logits: Optional[list] = None) -> dict:
+        return summarize(module_gates(self.axes, whole_logits), self.config)
 
     @torch.no_grad()
     def log_values(self) -> dict[str, float]:
-        s = self.summary()
+        a, b, logits = self.read(factors=True, logits=True)
+        s = self.summary(logits)
         out = {
             "salora/expected_density": s["expected_density"],
             "salora/realized_density": s["realized_density"],
             "salora/export_density": s["export_density"],
             "salora/lambda": self.lam,
             **self.budget.log_values(),
-            "salora/orth_loss": float(self.orth_loss()) / len(self.axes),
+            "salora/orth_loss": float(self.orth_loss(factors=(a, b))) / len(self.axes),
             "salora/live_ranks": float(s["live_ranks"]),
         }
         if self.config.lagrangian == "linear_quadratic":

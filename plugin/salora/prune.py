@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from ..core import sharding
 from ..core.layer import ForgeLinear
 from .layer import BUDGET_CODES, HardConcreteGate, expected_gate, prob_nonzero
 from .report import ModuleGates, summarize
@@ -23,21 +24,26 @@ def gate_axes(layers: list[ForgeLinear], adapter: str) -> list[HardConcreteGate]
     return [axis for layer in layers for axis in layer.forge_axes.get(adapter, []) if isinstance(axis, HardConcreteGate)]
 
 
-def module_gates(axes: list[HardConcreteGate]) -> list[ModuleGates]:
-    return [ModuleGates(a.layer.forge_name, a.logits().detach(), a.eval_gate().detach(),
-                        a.layer.in_features, a.layer.out_features) for a in axes]
+def module_gates(axes: list[HardConcreteGate], whole_logits: Optional[list] = None) -> list[ModuleGates]:
+    """Each module's gates (`whole_logits`: each axis's whole logits, read already; None: read here, in one
+    call for all of them)."""
+    if whole_logits is None:
+        whole_logits = sharding.gather_many([a.log_alpha for a in axes])
+    return [ModuleGates(a.layer.forge_name, la.detach(), a.eval_gate(la).detach(), a.layer.in_features,
+                        a.layer.out_features) for a, la in zip(axes, whole_logits)]
 
 
 @torch.no_grad()
 def select_gates(axes: list[HardConcreteGate], budget: str) -> list[torch.Tensor]:
     """The gate each module keeps after pruning with `budget` ("gate" or "exact"); 0 = pruned."""
     cfg = axes[0].config
-    det = [a.deterministic().detach().float() for a in axes]
+    whole = sharding.gather_many([a.log_alpha for a in axes])  # one call (one collective when sharded)
+    det = [a.deterministic(la).detach().float() for a, la in zip(axes, whole)]
     if budget == "gate":
         return det
     if budget != "exact":
         raise ValueError(f"budget: must be 'gate' or 'exact', got {budget!r}")
-    prob = torch.cat([prob_nonzero(a.logits().detach().float(), cfg.temperature, cfg.gamma, cfg.zeta) for a in axes]).cpu()
+    prob = torch.cat([prob_nonzero(la.float(), cfg.temperature, cfg.gamma, cfg.zeta) for la in whole]).cpu()
     gate = torch.cat(det).cpu()
     weight = torch.cat([torch.full((a.layer.r[a.adapter],), float(a.layer.in_features + a.layer.out_features),
                                    dtype=torch.float64) for a in axes])
@@ -48,10 +54,10 @@ def select_gates(axes: list[HardConcreteGate], budget: str) -> list[torch.Tensor
     keep = torch.zeros_like(gate, dtype=torch.bool)
     keep[order[before < cfg.target_density * float(weight.sum()) - 1e-6]] = True
     out, offset = [], 0
-    for a, g in zip(axes, det):
+    for la, g in zip(whole, det):
         n = g.numel()
         k = keep[offset:offset + n].to(g.device)
-        mean = expected_gate(a.logits().float(), cfg.temperature, cfg.gamma, cfg.zeta).clamp_min(torch.finfo(torch.float32).tiny)
+        mean = expected_gate(la.float(), cfg.temperature, cfg.gamma, cfg.zeta).clamp_min(torch.finfo(torch.float32).tiny)
         out.append(torch.where(k, torch.where(g > 0, g, mean), torch.zeros_like(g)))
         offset += n
     return out

@@ -2,13 +2,14 @@
 
 tests/scale/test_fsdp_sharded_training.py runs
     python -m torch.distributed.run --nproc_per_node 2 tests/scale/fsdp_worker.py OUT sharded
-(every case under every engine, then the resume runs) and, at the same time, one plain process
+(every case under every engine, then the resume runs; mode "hybrid" with --nproc_per_node 4: HSDP and
+HYBRID_SHARD, 2 replicas of a 2-way sharding) and, at the same time, one plain process
     python tests/scale/fsdp_worker.py OUT single
 that trains the same cases unsharded on the whole global batch. HF Trainer cannot shard on a CPU
 (accelerate enables FSDP only for accelerator devices), so the loop is written out here the way
 `LoraForgeTrainer` drives it: `driver.begin(max_steps)`, the loss plus `regularization_loss()`,
-AdamW over the default group and the driver's `param_groups`. Rank r takes rows
-[r·4, r·4 + 4) of each global batch of 8 (equal token counts, so the mean of the ranks' mean
+AdamW over the default group and the driver's `param_groups`. Rank r of k takes rows
+[r·8/k, (r + 1)·8/k) of each global batch of 8 (equal token counts, so the mean of the ranks' mean
 losses is the global mean loss that the engines' averaged gradients follow).
 
 Each run writes OUT/<engine>-<case>.<tag>.pt: the whole adapter state (every `lora_*` parameter
@@ -38,19 +39,27 @@ from loraforge.core.layer import ForgeLinear  # noqa: E402
 GLOBAL_BATCH, MAX_STEPS, LENGTH = 8, 8, 16
 TARGETS = ["q_proj", "v_proj", "up_proj"]
 START_STEP = {"delta_in_place": 2, "delta_folded": 2}
+#: Steps of a case's run when not MAX_STEPS: the default SaLoRA window (0.2-0.5 of the run) spans steps 13..32.
+STEPS = {"salora_default": 64}
+
+
+def steps_of(case: str) -> int:
+    return STEPS.get(case, MAX_STEPS)
 
 
 def config(case: str):
     if case == "salora":  # window inside the run: gates sample on steps 3..6, λ ascends, then the gates freeze
         return loraforge.SaLoRAConfig(r=4, target_modules=TARGETS, window_start=2, window_end=6, gate_lr=0.05,
-                                      budget_control="paper")  # the schedule control is refused on sharded logits
+                                      budget_control="paper")
+    if case == "salora_default":  # every setting the default (budget_control="schedule", window 0.2-0.5 of the run)
+        return loraforge.SaLoRAConfig(target_modules=TARGETS)
     return loraforge.DeltaLoRAConfig(r=4, lora_alpha=8, target_modules=TARGETS, start_step=START_STEP[case],
                                      update_ratio=2.0, propagation=case.split("_", 1)[1])
 
 
-def batches():
+def batches(steps: int = MAX_STEPS):
     gen = torch.Generator().manual_seed(0)
-    return torch.randint(3, 512, (MAX_STEPS, GLOBAL_BATCH, LENGTH), generator=gen)
+    return torch.randint(3, 512, (steps, GLOBAL_BATCH, LENGTH), generator=gen)
 
 
 def shard(model, engine: str):
@@ -59,13 +68,17 @@ def shard(model, engine: str):
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-    if engine == "fsdp2":
-        mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),))
+    world = torch.distributed.get_world_size()
+    if engine in ("fsdp2", "fsdp2_hsdp"):  # HSDP: 2 replicas of a 2-way sharding (a 2-D mesh)
+        mesh = (init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard")) if engine == "fsdp2_hsdp"
+                else init_device_mesh("cpu", (world,)))
         for layer in model.base_model.model.model.layers:
             fully_shard(layer, mesh=mesh)
         return fully_shard(model, mesh=mesh)
-    strategy = {"fsdp1": ShardingStrategy.FULL_SHARD, "fsdp1_grad_op": ShardingStrategy.SHARD_GRAD_OP}[engine]
-    return FullyShardedDataParallel(model, use_orig_params=True, device_id=torch.device("cpu"),
+    strategy = {"fsdp1": ShardingStrategy.FULL_SHARD, "fsdp1_grad_op": ShardingStrategy.SHARD_GRAD_OP,
+                "fsdp1_hybrid": ShardingStrategy.HYBRID_SHARD}[engine]
+    mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard")) if engine == "fsdp1_hybrid" else None
+    return FullyShardedDataParallel(model, use_orig_params=True, device_id=torch.device("cpu"), device_mesh=mesh,
                                     sharding_strategy=strategy, auto_wrap_policy=ModuleWrapPolicy({LlamaDecoderLayer}))
 
 
@@ -76,7 +89,7 @@ def build(case: str, engine: str | None):
     peft_model = get_peft_model(testing.tiny_llama(seed=0), config(case))
     wrapped = shard(peft_model, engine) if engine else peft_model
     driver = loraforge.driver(wrapped)
-    driver.begin(MAX_STEPS)
+    driver.begin(steps_of(case))
     special = driver.param_groups(1e-2, 0.0)
     taken = {id(p) for g in special for p in g["params"]}
     rest = [p for p in wrapped.parameters() if p.requires_grad and id(p) not in taken]
@@ -85,15 +98,23 @@ def build(case: str, engine: str | None):
 
 
 def train(wrapped, driver, opt, steps: range, rows: slice, logs: list) -> None:
-    data = batches()
+    """`logs`: per step the driver's logged values and, sharded, the collectives this rank called in
+    `regularization_loss()` (`collectives/loss`) and in the optimizer step with its post-step work
+    (`collectives/step`), the engine's own there included."""
+    data = batches(steps.stop)
+    sharded = torch.distributed.is_initialized()
     for step in steps:
         ids = data[step, rows]
         loss = wrapped(input_ids=ids, labels=ids).loss
-        reg = driver.regularization_loss()
+        with testing.CollectiveCounter() as in_loss:
+            reg = driver.regularization_loss()
         (loss if reg is None else loss + reg).backward()
-        opt.step()
+        with testing.CollectiveCounter() as in_step:
+            opt.step()
         opt.zero_grad()
         logs.append(driver.log_values())  # a collective when sharded: every rank logs
+        if sharded:
+            logs[-1].update({"collectives/loss": in_loss.count, "collectives/step": in_step.count})
 
 
 def _clean(name: str) -> str:
@@ -136,7 +157,7 @@ def run(case: str, engine: str | None, out: str, tag: str) -> None:
     per = GLOBAL_BATCH // world
     peft_model, wrapped, driver, opt = build(case, engine)
     logs: list = []
-    train(wrapped, driver, opt, range(MAX_STEPS), slice(rank * per, rank * per + per), logs)
+    train(wrapped, driver, opt, range(steps_of(case)), slice(rank * per, rank * per + per), logs)
     if engine:
         save_adapter(peft_model, wrapped, os.path.join(out, f"adapter-{engine}-{case}"))
     torch.save({"state": adapter_state(peft_model, case), "logs": logs, "steps": driver.step},
@@ -187,10 +208,44 @@ def run_resume_full(case: str, engine: str, out: str, tag: str) -> None:
     run_resume(case, engine, out, tag, full=True)
 
 
-CASES = ["salora", "delta_in_place", "delta_folded"]
+GATHER_SHAPES = [(5, 3), (1,), (7,), (2, 4)]  # rows not divisible by 2; ranks holding nothing of a tensor
+
+
+def run_gathers(case: str, engine: str, out: str, tag: str) -> None:
+    """`gather_many` of tensors of odd shapes sharded by `engine` (FSDP2: rows 3 + 2, 1 + 0, ...; FSDP1: the
+    31 elements cut at 16, so rank 0 holds nothing of the last two tensors and rank 1 nothing of the first
+    two), and under FSDP2 the gradient `whole_many`'s backward hands each shard, with the collectives each
+    call made. The values are known: tensor k holds 100·k + its row-major index."""
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+
+    holder = torch.nn.Module()
+    holder.ps = torch.nn.ParameterList(torch.nn.Parameter(torch.arange(float(torch.Size(s).numel())).view(s) + 100 * k)
+                                       for k, s in enumerate(GATHER_SHAPES))
+    if engine == "fsdp2":
+        fully_shard(holder)
+    else:
+        sharding.register(FullyShardedDataParallel(holder, use_orig_params=True, device_id=torch.device("cpu")))
+    params = list(holder.ps)
+    result: dict = {"held": [sharding.engine(p) for p in params]}
+    for name in ("first", "again"):
+        with testing.CollectiveCounter() as n:
+            result[name] = [t.clone() for t in sharding.gather_many(params)]
+        result[f"collectives/{name}"] = n.count
+    if engine == "fsdp2":
+        with testing.CollectiveCounter() as n:
+            wholes = sharding.Fsdp2.whole_many(params)
+        result["collectives/whole"] = n.count
+        sum((k + 1) * (w * w).sum() for k, w in enumerate(wholes)).backward()  # d/dw = 2 (k + 1) w
+        result["grads"] = [p.grad.full_tensor() for p in params]
+    torch.save(result, os.path.join(out, f"{engine}-gathers.{tag}.pt"))
+
+
+CASES = ["salora", "delta_in_place", "delta_folded", "salora_default"]
 ENGINES = ["fsdp2", "fsdp1"]
+#: On 4 ranks (mode "hybrid"): 2 replicas of a 2-way sharding.
+HYBRID = [(engine, case) for engine in ("fsdp2_hsdp", "fsdp1_hybrid") for case in ("salora_default", "delta_in_place")]
 # Every case from a sharded FSDP2 checkpoint; the other engine x state-dict kinds once each.
-RESUMES = [(case, "fsdp2", "run_resume") for case in CASES] + [
+RESUMES = [(case, "fsdp2", "run_resume") for case in ("salora", "delta_in_place", "delta_folded")] + [
     ("salora", "fsdp2", "run_resume_full"), ("salora", "fsdp1", "run_resume"),
     ("delta_in_place", "fsdp1", "run_resume_full")]
 
@@ -201,14 +256,19 @@ def main(argv: list[str]) -> int:
     if mode == "single":
         jobs = [(case, None, run) for case in CASES]
         tag = "single"
+    elif mode == "hybrid":
+        torch.distributed.init_process_group("gloo")
+        tag = f"rank{torch.distributed.get_rank()}"
+        jobs = [(case, engine, run) for engine, case in HYBRID]
     else:
         torch.distributed.init_process_group("gloo")
         tag = f"rank{torch.distributed.get_rank()}"
         jobs = [(case, engine, run) for engine in ENGINES for case in CASES]
-        jobs += [(case, "fsdp1_grad_op", run) for case in ("salora", "delta_in_place")]
-        jobs += resumes
+        jobs += [(case, "fsdp1_grad_op", run) for case in ("salora", "delta_in_place", "salora_default")]
+        jobs += resumes + [(None, engine, run_gathers) for engine in ENGINES]
     for case, engine, fn in jobs:
-        name = f"{engine or 'single'}-{case}" + {run_resume: "-resume", run_resume_full: "-resume-full"}.get(fn, "")
+        name = (f"{engine}-gathers" if fn is run_gathers else
+                f"{engine or 'single'}-{case}" + {run_resume: "-resume", run_resume_full: "-resume-full"}.get(fn, ""))
         if only and name not in only:
             continue
         try:
