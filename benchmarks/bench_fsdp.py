@@ -64,7 +64,7 @@ def adapter_config(method: str, steps: int):
     if method == "lora":
         return LoraConfig(**common)
     if method.startswith("salora"):  # window over the whole run: every timed step is inside it
-        budget = dict(budget_control="paper") if method == "salora_paper" else {}  # "salora": the default schedule
+        budget = dict(budget_control="paper" if method == "salora_paper" else "schedule")
         return loraforge.SaLoRAConfig(**common, window_start=0, window_end=10 ** 6, **budget)
     return loraforge.DeltaLoRAConfig(**common, start_step=0, update_ratio=2.0, propagation=method.split("_", 1)[1])
 

@@ -41,12 +41,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality_data as qd  # noqa: E402
+import quality_style  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-MAIN = ["lora8", "lora4", "salora", "adalora", "delta0.5", "cora_fb", "cora_tb"]
-EXTRA = ["salora_paper", "delta2"]
+MAIN = ["lora8", "lora4", "salora_paper", "salora", "adalora", "delta0.5", "cora_fb", "cora_tb"]
+EXTRA = ["delta2"]
 #: One-factor probes of a main system, run at that system's best lr (cause measurements, not a sweep).
-PROBES = {"salora_b0": "salora", "cora_fb_alpaca": "cora_fb"}
+PROBES = {"salora_b0": "salora", "salora_d1": "salora", "salora_w10_30": "salora", "salora_w20_30": "salora",
+          "salora_w50_80": "salora", "salora_glr1": "salora", "cora_fb_alpaca": "cora_fb"}
+#: The one setting each SaLoRA probe changes from `salora` (the "schedule" control); windows are shares of
+#: the run: gates on steps 3-7, 6-7 and 13-19 of 24.
+SALORA_PROBES = {"salora_b0": dict(orth_reg_weight=0.0), "salora_d1": dict(target_density=1.0),
+                 "salora_w10_30": dict(window_start=0.1, window_end=0.3),
+                 "salora_w20_30": dict(window_start=0.2, window_end=0.3),
+                 "salora_w50_80": dict(window_start=0.5, window_end=0.8), "salora_glr1": dict(gate_lr=1.0)}
 SYSTEMS = ["base", *MAIN, *PROBES, *EXTRA]
 BASIS_SOURCES = {"ft_neg2pos": "neg2pos", "ft_pos2neg": "pos2neg", "ft_alpaca": "alpaca"}
 
@@ -67,8 +75,8 @@ def adapter_config(system: str, steps: int, basis: str | None):
                              tinit=start, tfinal=steps - end, deltaT=1, total_step=steps)
     if system in ("salora", "salora_paper"):
         return loraforge.SaLoRAConfig(**common, budget_control="paper" if system == "salora_paper" else "schedule")
-    if system == "salora_b0":
-        return loraforge.SaLoRAConfig(**common, orth_reg_weight=0.0)
+    if system in SALORA_PROBES:  # probes of the "schedule" control, each with one setting changed
+        return loraforge.SaLoRAConfig(**common, budget_control="schedule", **SALORA_PROBES[system])
     if system.startswith("delta"):
         # The paper's K = 500 is for runs of thousands of steps; here W starts to move after 10% of the run.
         return loraforge.DeltaLoRAConfig(**common, update_ratio=float(system[5:]), start_step=max(1, steps // 10))
@@ -129,8 +137,28 @@ def kept_parameters(model, system: str) -> tuple[int, dict]:
     return sum(p.numel() for p in model.parameters() if p.requires_grad), {}
 
 
-def train(model, system: str, data, steps: int, lr: float, log=None) -> tuple[float, float]:
-    """Train `steps` steps of the batches in `data`; return the last 5 steps' mean loss and the seconds."""
+@torch.no_grad()
+def mean_gate(model) -> tuple[float, float]:
+    """SaLoRA: the mean over all ranks of the gate the next training step multiplies its rank by (its
+    expectation inside the window), weighted by the parameters each rank carries; and C."""
+    from loraforge.salora.layer import HardConcreteGate, expected_gate, prob_nonzero
+
+    num = den = c = 0.0
+    for m in model.modules():
+        for axis in getattr(m, "forge_axes", {}).get("default", []):
+            if not isinstance(axis, HardConcreteGate):
+                continue
+            cfg, la, w = axis.config, axis.logits().float(), m.in_features + m.out_features
+            gate = {"ones": torch.ones_like(la), "frozen": axis.frozen_gate.float(),
+                    "sample": expected_gate(la, cfg.temperature, cfg.gamma, cfg.zeta)}.get(axis.phase, axis.deterministic())
+            num, den = num + w * float(gate.sum()), den + w * la.numel()
+            c += w * float(prob_nonzero(la, cfg.temperature, cfg.gamma, cfg.zeta).sum())
+    return num / den, c / den
+
+
+def train(model, system: str, data, steps: int, lr: float, log=None, trace=None) -> tuple[float, float]:
+    """Train `steps` steps of the batches in `data`; return the last 5 steps' mean loss and the seconds.
+    `trace` (a list), for SaLoRA: gets (mean gate, C) before each step."""
     import loraforge
 
     drv = None
@@ -143,6 +171,8 @@ def train(model, system: str, data, steps: int, lr: float, log=None) -> tuple[fl
     model.train()
     losses, t0 = [], time.time()
     for step, batch in enumerate(data, start=1):
+        if trace is not None:
+            trace.append([round(v, 4) for v in mean_gate(model)])
         loss = model(**batch).loss  # AdaLoRA's forward adds its orthogonal term to this loss
         if drv is not None:
             reg = drv.regularization_loss()
@@ -191,11 +221,16 @@ def make_basis(args, tokenizer, log, names: tuple = tuple(BASIS_SOURCES)) -> str
     return basis
 
 
-def done_keys(path: str) -> set:
+def key(r: dict) -> tuple:
+    return r["task"], r["system"], r["lr"], r["seed"], r["steps"]
+
+
+def done_rows(path: str) -> dict:
+    """Finished runs by key; a later line of the same key (a rerun that added the style scores) wins."""
     if not os.path.exists(path):
-        return set()
+        return {}
     with open(path) as f:
-        return {(r["task"], r["system"], r["lr"], r["seed"], r["steps"]) for r in map(json.loads, filter(str.strip, f))}
+        return {key(r): r for r in map(json.loads, filter(str.strip, f))}
 
 
 def plan(args, results: list[dict]):
@@ -233,6 +268,8 @@ def plan(args, results: list[dict]):
         runs += [(s, "best", seed) for s in group for seed in args.seeds[1:]]
         if name == "main":
             runs += [(s, "parent", seed) for s in probes for seed in args.seeds[1:]]
+    if getattr(args, "style", False):  # the style scores of each system at its best lr, first seed
+        runs += [(s, "best", args.seeds[0]) for s in args.systems if s != "base"]
     return runs, resolve
 
 
@@ -250,6 +287,10 @@ def main(argv=None) -> int:
     parser.add_argument("--basis-lr", type=float, default=5e-3)
     parser.add_argument("--model", default=None, help="model folder (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--out", default="benchmarks/results/quality.jsonl")
+    parser.add_argument("--style", action="store_true",
+                        help="task yelp: also score eval-style ACC / BLEU / PPL per direction (greedy rewrites of the "
+                             "test sources) for every run made, and rerun the first seed at each system's best lr "
+                             "where its row has no style scores yet")
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.steps, args.lrs = args.seeds[:1], 12, args.lrs[-1:]
@@ -276,13 +317,15 @@ def main(argv=None) -> int:
         with open(args.out) as f:
             results = [json.loads(line) for line in f if line.strip()]
     runs, resolve = plan(args, results)
-    bases = {}
+    bases, scorer = {}, None
     for system, lr, seed in runs:
         if isinstance(lr, str):
             lr = resolve(system, lr)
             if lr is None:
                 continue
-        if (args.task, system, lr, seed, args.steps) in done_keys(args.out):
+        done = done_rows(args.out).get((args.task, system, lr, seed, args.steps))
+        want_style = args.style and args.task == "yelp" and seed == args.seeds[0] and lr == resolve(system, "best")
+        if done is not None and (not want_style or "style" in done):
             continue
         # cora_fb_alpaca: a basis from the instruction fine-tune alone, which saw no Yelp data
         names = ("ft_alpaca",) if system == "cora_fb_alpaca" else tuple(BASIS_SOURCES)
@@ -292,6 +335,8 @@ def main(argv=None) -> int:
         torch.manual_seed(seed)
         model = load_base(args.model)
         row = {"task": args.task, "system": system, "lr": lr, "seed": seed, "steps": args.steps, "batch": args.batch}
+        if done is not None:  # a rerun for the style scores: the earlier NLL, to show the rerun reproduces it
+            row["rerun_of_nll"] = done["nll"]["all"]
         if system == "base":
             trainable, kept, extra, last, wall = 0, 0, {}, None, 0.0
         else:
@@ -299,13 +344,25 @@ def main(argv=None) -> int:
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
             start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
             data = qd.batches(train_ex, seed, args.steps, args.batch, pad)
-            last, wall = train(model, system, data, args.steps, lr, log)
+            trace = [] if system.startswith("salora") else None
+            last, wall = train(model, system, data, args.steps, lr, log, trace)
             kept, extra = kept_parameters(model, system)
+            if trace:
+                extra["gate_trace"] = trace  # per step: mean gate (parameter-weighted), C
             # How far training moved the trainable parameters (0 would mean the method never trained).
             extra["moved"] = sum(float((p.detach() - start[n]).pow(2).sum()) for n, p in model.named_parameters()
                                  if n in start) ** 0.5
         row.update(nll=held_out_nll(model, test_ex, pad), trainable=trainable, kept=kept, train_loss=last,
                    wall_s=round(wall, 1), **extra)
+        if args.style and args.task == "yelp":
+            if scorer is None:
+                scorer = quality_style.StyleScorer(quality_style.default_folder(args.out), log)
+            t0 = time.time()
+            row["style"] = quality_style.style_of(model, tokenizer, scorer)
+            if system == "base":
+                row["style_yardsticks"] = scorer.yardsticks()
+            log("  -> style " + "; ".join(f"{d} ACC {v['acc']:.1f} BLEU {v['bleu']:.1f} PPL {v['ppl']:.0f}"
+                                          for d, v in row["style"].items()) + f" ({time.time() - t0:.0f}s)")
         if args.task == "alpaca":
             # SaLoRA's zero-shot protocol in miniature: an instruction-tuned model asked for the rewrite it never
             # trained on, scored by the NLL of the human rewrite

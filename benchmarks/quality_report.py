@@ -17,16 +17,22 @@ from collections import defaultdict
 
 LABELS = {
     "base": "base model (no training)", "lora8": "PEFT LoRA r=8", "lora4": "PEFT LoRA r=4",
-    "salora": "SaLoRA r=8, b=0.5 (schedule)", "salora_b0": "SaLoRA r=8, b=0.5, β=0 (no orth. term)", "salora_paper": "SaLoRA r=8, b=0.5 (paper control)",
+    "salora_paper": "SaLoRA r=8, b=0.5, paper control (default)", "salora": "SaLoRA r=8, b=0.5, schedule control",
+    "salora_b0": "SaLoRA schedule, probe: β=0 (no orth. term)", "salora_d1": "SaLoRA schedule, probe: b=1 (gates, no pruning)",
+    "salora_w10_30": "SaLoRA schedule, probe: window 0.1-0.3 (steps 3-7)",
+    "salora_w20_30": "SaLoRA schedule, probe: window 0.2-0.3 (steps 6-7)",
+    "salora_w50_80": "SaLoRA schedule, probe: window 0.5-0.8 (steps 13-19)", "salora_glr1": "SaLoRA schedule, probe: gate_lr=1",
     "adalora": "PEFT AdaLoRA r=8→4", "delta0.5": "Delta-LoRA r=8 λ=0.5 (folded)", "delta2": "Delta-LoRA r=8 λ=2 (folded)",
     "cora_fb": "CoRA FB r=8", "cora_fb_alpaca": "CoRA FB r=8, basis from the alpaca fine-tune only", "cora_tb": "CoRA TB r=8",
 }
 CLAIMS = [  # (claim, better system, than system)
-    ("SaLoRA beats LoRA at equal final size", "salora", "lora4"),
-    ("SaLoRA beats LoRA r=8 with fewer kept parameters", "salora", "lora8"),
-    ("SaLoRA beats AdaLoRA at the same budget", "salora", "adalora"),
-    ("SaLoRA without its orthogonal term (β=0) beats SaLoRA (β=0.1)", "salora_b0", "salora"),
-    ("SaLoRA with β=0 beats LoRA at equal final size", "salora_b0", "lora4"),
+    ("SaLoRA (paper control, default) beats LoRA at equal final size", "salora_paper", "lora4"),
+    ("SaLoRA (paper control) beats LoRA r=8 with fewer kept parameters", "salora_paper", "lora8"),
+    ("SaLoRA (paper control) beats AdaLoRA at the same budget", "salora_paper", "adalora"),
+    ("SaLoRA (schedule control) beats LoRA at equal final size", "salora", "lora4"),
+    ("SaLoRA (schedule control) beats AdaLoRA at the same budget", "salora", "adalora"),
+    ("SaLoRA's paper control beats its schedule control", "salora_paper", "salora"),
+    ("SaLoRA schedule without its orthogonal term (β=0) beats it with β=0.1", "salora_b0", "salora"),
     ("Delta-LoRA (λ=0.5) beats LoRA at the same rank", "delta0.5", "lora8"),
     ("Delta-LoRA (λ=2) beats LoRA at the same rank", "delta2", "lora8"),
     ("CoRA FB matches LoRA at about equal trainable parameters", "cora_fb", "lora4"),
@@ -37,8 +43,10 @@ CLAIMS = [  # (claim, better system, than system)
 
 
 def load(path: str) -> list[dict]:
+    """The finished runs; of several lines of one run (a rerun that added the style scores) the last."""
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        rows = [json.loads(line) for line in f if line.strip()]
+    return list({(r["task"], r["system"], r["lr"], r["seed"], r["steps"]): r for r in rows}.values())
 
 
 def summarise(rows: list[dict]) -> dict[str, dict]:
@@ -80,6 +88,26 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def style_table(summary: dict) -> str:
+    """eval-style ACC / BLEU / PPL per direction of the runs at the best lr that have them (mean over those runs)."""
+    dirs = ("neg2pos", "pos2neg")
+    head = " | ".join(f"{d.replace('2', '→')} {m}" for d in dirs for m in ("ACC ↑", "BLEU ↑", "PPL ↓"))
+    lines = [f"| system | seeds | {head} |", "|---|---|" + "---|" * 6]
+
+    def cells(styles: list[dict]) -> str:
+        return " | ".join(f"{statistics.mean(st[d][m] for st in styles):.1f}" for d in dirs for m in ("acc", "bleu", "ppl"))
+
+    base = summary.get("base", {}).get("runs", [{}])[0].get("style_yardsticks")
+    if base:
+        lines.append(f"| human rewrites (the references) | – | {cells([base['human']])} |")
+        lines.append(f"| source copied unchanged | – | {cells([base['copy']])} |")
+    for system in [s for s in LABELS if s in summary]:
+        styles = [r["style"] for r in summary[system]["runs"] if "style" in r]
+        if styles:
+            lines.append(f"| {LABELS[system]} | {len(styles)} | {cells(styles)} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def claims(summary: dict) -> str:
     lines = ["| claim | X | Y | NLL X − Y (± 2 SE) | on SmolLM2 |", "|---|---|---|---|---|"]
     for text, x, y in CLAIMS:
@@ -109,7 +137,7 @@ def plot(summary: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    for system in [s for s in LABELS if s in summary and s != "base"]:
+    for system in [s for s in LABELS if s in summary and s != "base" and "probe" not in LABELS[s]]:  # probes: the table
         runs = summary[system]["runs"]
         m, sd = mean_sd([r["nll"]["all"] for r in runs])
         x = runs[0]["trainable"] / 1e6
@@ -135,6 +163,10 @@ def main() -> None:
     print(table(summary))
     print()
     print(claims(summary))
+    styles = style_table(summary)
+    if styles:
+        print()
+        print(styles)
     if args.plot:
         plot(summary, args.plot)
         print(f"\nwrote {args.plot}")

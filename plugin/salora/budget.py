@@ -4,7 +4,8 @@ One small strategy object per `budget_control` value, made by the controller (mo
 adapter; the controller calls `loss()` when the loss is formed, `after_step(step)` after an optimizer
 step taken inside the window, and `log_values()` when the trainer logs.
 
-"schedule" (the default): inside the window the target
+"schedule" (the default is "paper", below: on SmolLM2 the schedule's adapter trained worse,
+see config.py): inside the window the target
 b_t falls cubically (as AdaLoRA's budget) from C at init (11/12 at the default γ, ζ) to b at 3/4 of
 the window and then holds at b. The task gradient alone reaches the logits through the optimizer
 (no λ term in the loss); after each optimizer step the logits move by -μ·∂C/∂logit with the

@@ -9,7 +9,7 @@ Objective: `L = L_task + β·R_orth + [inside the window] λ·(C - b)²`
 
 Decisions the paper leaves open:
 - The budget control (`budget_control`): how C is driven to b inside the window, one strategy
-  object per value (budget.py: "schedule", the default, and "paper", Eq. 12).
+  object per value (budget.py: "paper", Eq. 12, the default, and "schedule").
 - `η_c` is constant: no LR schedule scales the gate group (the optimizer pre-step hook resets groups
   that carry `loraforge_constant_lr`, core/optimizer_hooks.py), as Algorithm 1 writes it. Gates move only
   inside the window: outside it the forward does not use the logits (or uses them detached), there

@@ -140,3 +140,35 @@ def test_a_probe_alone_runs_at_its_parents_best_lr():
     runs, resolve = quality.plan(args, rows)
     assert runs == [("salora_b0", "parent", 0), ("salora_b0", "parent", 1)]
     assert resolve("salora_b0", "parent") == 3e-3
+
+
+def test_style_scores_are_added_to_the_best_runs_of_the_first_seed(run, tmp_path):
+    import quality_style
+    from loraforge.eval.classifier import train_style_classifier
+
+    out = tmp_path / "style.jsonl"
+    argv = ["--model", run["model"], "--steps", "4", "--seeds", "0", "--lrs", "5e-3", "--systems", "base", "lora8",
+            "--out", str(out)]
+    assert quality.main(argv) == 0
+    # a small classifier in the scorer's folder, so the test does not pay for the benchmark's one
+    yelp = quality_style.qd.DATA / "yelp"
+    folder = Path(quality_style.default_folder(str(out)))
+    train_style_classifier(yelp / "sentiment.dev.0", yelp / "sentiment.dev.1", "minilm", folder / "classifier",
+                           max_steps=1, max_per_style=8, label_names=("negative", "positive"))
+    assert quality.main(argv + ["--style"]) == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["system"] for r in lines] == ["base", "lora8", "base", "lora8"]  # each rerun once, for its scores
+    for r in lines[2:]:
+        assert r["rerun_of_nll"] == pytest.approx(r["nll"]["all"], abs=1e-6)  # the rerun reproduces the run
+        for d in quality_style.qd.DIRECTIONS:
+            st = r["style"][d]
+            assert len(st["outputs"]) == quality_style.qd.TEST_PER_DIRECTION
+            assert 0 <= st["acc"] <= 100 and 0 <= st["bleu"] <= 100 and st["ppl"] > 0
+    human = lines[2]["style_yardsticks"]["human"]
+    assert all(human[d]["bleu"] == pytest.approx(100) for d in quality_style.qd.DIRECTIONS)  # references vs themselves
+    # the report keeps the last line of a run
+    import quality_report
+
+    assert len(quality_report.load(str(out))) == 2
+    before = out.read_text()
+    assert quality.main(argv + ["--style"]) == 0 and out.read_text() == before

@@ -51,8 +51,8 @@ def config(case: str):
     if case == "salora":  # window inside the run: gates sample on steps 3..6, λ ascends, then the gates freeze
         return loraforge.SaLoRAConfig(r=4, target_modules=TARGETS, window_start=2, window_end=6, gate_lr=0.05,
                                       budget_control="paper")
-    if case == "salora_default":  # every setting the default (budget_control="schedule", window 0.2-0.5 of the run)
-        return loraforge.SaLoRAConfig(target_modules=TARGETS)
+    if case == "salora_default":  # the defaults (window 0.2-0.5 of the run) with the schedule control, which lands C on b
+        return loraforge.SaLoRAConfig(target_modules=TARGETS, budget_control="schedule")
     return loraforge.DeltaLoRAConfig(r=4, lora_alpha=8, target_modules=TARGETS, start_step=START_STEP[case],
                                      update_ratio=2.0, propagation=case.split("_", 1)[1])
 

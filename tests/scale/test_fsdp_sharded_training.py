@@ -5,7 +5,7 @@ One `torch.distributed.run --nproc_per_node 2` runs every case (tests/scale/fsdp
 process trains the same cases unsharded on the whole global batch of 8, both at once; HSDP (FSDP2 on a
 2 × 2 mesh) and FSDP1's HYBRID_SHARD run on 4 ranks. What must hold after 8 AdamW steps (SaLoRA's
 window 2..6 inside the run, the paper's budget rule; Delta-LoRA's K = 2) and after 64 steps of the
-default `SaLoRAConfig` (the "schedule" budget control, window 13..32):
+default `SaLoRAConfig` with the "schedule" budget control (window 13..32):
 - both ranks hold bit-identical whole adapter state (factors, gate logits, frozen gates, λ, window,
   snapshots, step counters; the in-place base weights gathered) and logged the same values (density,
   λ, orthogonal term, W's shift) after every step: all post-step work reads whole tensors;

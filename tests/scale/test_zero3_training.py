@@ -95,7 +95,7 @@ def test_schedule_control_on_partitioned_logits_equals_one_process(runs):
 
 @pytest.mark.parametrize("case", ["salora_schedule", "delta_in_place"])
 def test_zero3_with_the_shipped_config_equals_one_process(runs, case):
-    """The default SaLoRAConfig's schedule control writes the logits after each step: the write must reach
+    """SaLoRA's schedule control writes the logits after each step: the write must reach
     DeepSpeed's fp32 master copy (`sharding.written`), or the next step puts the old logits back."""
     r0 = _check(runs, f"zero3_shipped-{case}", case)
     assert r0["engines"] == {None, "zero3"}, "the shipped config keeps the factors whole and partitions W"
