@@ -40,7 +40,7 @@ GLOBAL_BATCH, MAX_STEPS, LENGTH = 8, 8, 16
 TARGETS = ["q_proj", "v_proj", "up_proj"]
 START_STEP = {"delta_in_place": 2, "delta_folded": 2}
 #: Steps of a case's run when not MAX_STEPS: the default SaLoRA window (0.2-0.5 of the run) spans steps 13..32.
-STEPS = {"salora_default": 64}
+STEPS = {"salora_schedule": 64}
 
 
 def steps_of(case: str) -> int:
@@ -51,7 +51,7 @@ def config(case: str):
     if case == "salora":  # window inside the run: gates sample on steps 3..6, λ ascends, then the gates freeze
         return loraforge.SaLoRAConfig(r=4, target_modules=TARGETS, window_start=2, window_end=6, gate_lr=0.05,
                                       budget_control="paper")
-    if case == "salora_default":  # the defaults (window 0.2-0.5 of the run) with the schedule control, which lands C on b
+    if case == "salora_schedule":  # the defaults (window 0.2-0.5 of the run) with the schedule control, which lands C on b
         return loraforge.SaLoRAConfig(target_modules=TARGETS, budget_control="schedule")
     return loraforge.DeltaLoRAConfig(r=4, lora_alpha=8, target_modules=TARGETS, start_step=START_STEP[case],
                                      update_ratio=2.0, propagation=case.split("_", 1)[1])
@@ -240,10 +240,10 @@ def run_gathers(case: str, engine: str, out: str, tag: str) -> None:
     torch.save(result, os.path.join(out, f"{engine}-gathers.{tag}.pt"))
 
 
-CASES = ["salora", "delta_in_place", "delta_folded", "salora_default"]
+CASES = ["salora", "delta_in_place", "delta_folded", "salora_schedule"]
 ENGINES = ["fsdp2", "fsdp1"]
 #: On 4 ranks (mode "hybrid"): 2 replicas of a 2-way sharding.
-HYBRID = [(engine, case) for engine in ("fsdp2_hsdp", "fsdp1_hybrid") for case in ("salora_default", "delta_in_place")]
+HYBRID = [(engine, case) for engine in ("fsdp2_hsdp", "fsdp1_hybrid") for case in ("salora_schedule", "delta_in_place")]
 # Every case from a sharded FSDP2 checkpoint; the other engine x state-dict kinds once each.
 RESUMES = [(case, "fsdp2", "run_resume") for case in ("salora", "delta_in_place", "delta_folded")] + [
     ("salora", "fsdp2", "run_resume_full"), ("salora", "fsdp1", "run_resume"),
@@ -264,7 +264,7 @@ def main(argv: list[str]) -> int:
         torch.distributed.init_process_group("gloo")
         tag = f"rank{torch.distributed.get_rank()}"
         jobs = [(case, engine, run) for engine in ENGINES for case in CASES]
-        jobs += [(case, "fsdp1_grad_op", run) for case in ("salora", "delta_in_place", "salora_default")]
+        jobs += [(case, "fsdp1_grad_op", run) for case in ("salora", "delta_in_place", "salora_schedule")]
         jobs += resumes + [(None, engine, run_gathers) for engine in ENGINES]
     for case, engine, fn in jobs:
         name = (f"{engine}-gathers" if fn is run_gathers else

@@ -4,15 +4,15 @@ SaLoRA and in-place Delta-LoRA) on 2 gloo ranks.
 One `torch.distributed.run --nproc_per_node 2` runs every case (tests/scale/fsdp_worker.py), one plain
 process trains the same cases unsharded on the whole global batch of 8, both at once; HSDP (FSDP2 on a
 2 × 2 mesh) and FSDP1's HYBRID_SHARD run on 4 ranks. What must hold after 8 AdamW steps (SaLoRA's
-window 2..6 inside the run, the paper's budget rule; Delta-LoRA's K = 2) and after 64 steps of the
-default `SaLoRAConfig` with the "schedule" budget control (window 13..32):
+window 2..6 inside the run, the paper's budget rule (the default); Delta-LoRA's K = 2) and after 64 steps
+of `SaLoRAConfig` with its default window and the "schedule" budget control (window 13..32):
 - both ranks hold bit-identical whole adapter state (factors, gate logits, frozen gates, λ, window,
   snapshots, step counters; the in-place base weights gathered) and logged the same values (density,
   λ, orthogonal term, W's shift) after every step: all post-step work reads whole tensors;
 - the sharded run equals the single process to 1e-5: the engines average two half-batch gradients
   (float32 round-off, observed ≤ 2.4e-6), a loss term counted per rank or read from a shard, a gate
   stepped outside the window or W updated from the wrong rows moves weights by ~lr = 1e-2 per step;
-- the default SaLoRA ends its window with C at b ± 0.02 (b = 0.5);
+- the schedule control ends its window with C at b ± 0.02 (b = 0.5);
 - what a method reads whole costs one collective a step: the loss terms read A, B (and the paper's
   logits) in one call (FSDP2; FSDP1 reads what the forward kept, no collective), the schedule control
   and in-place Delta-LoRA gather once after the step;
@@ -33,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 WORKER = HERE / "fsdp_worker.py"
 CASES = ["salora", "delta_in_place", "delta_folded"]
 GATHER_SHAPES = [(5, 3), (1,), (7,), (2, 4)]  # the worker's run_gathers
-DEFAULT_STEPS, DEFAULT_WINDOW = 64, (13, 32)  # the worker's "salora_default" run: window 0.2-0.5 of 64 steps
+DEFAULT_STEPS, DEFAULT_WINDOW = 64, (13, 32)  # the worker's "salora_schedule" run: window 0.2-0.5 of 64 steps
 # The ranks reduce gradients in another order than one process does, and Adam divides each entry by its own
 # magnitude, so that float32 noise moves an entry with a small gradient by a small share of a step (lr 1e-2):
 # 1.7e-5 seen on one CPU after 8 steps (0.2% of one step). A wrong update would be off by a whole step.
@@ -77,14 +77,14 @@ def _tolerance(case: str, key: str) -> float:
     # on logits of magnitude up to ~22). A per-shard μ or a lost move is off by ~0.1-1 logit units.
     from loraforge.salora.budget import SHARPEN
 
-    return TOL * SHARPEN if case == "salora_default" and ".lora_gate_logits." in key else TOL
+    return TOL * SHARPEN if case == "salora_schedule" and ".lora_gate_logits." in key else TOL
 
 
 def _check(runs, name: str, case: str, ranks: int = 2) -> dict:
     results = [load_result(runs, name, f"rank{i}") for i in range(ranks)]
     r0 = results[0]
     one = load_result(runs, f"single-{case}", "single")
-    assert {r["steps"] for r in results} == {one["steps"]} == {DEFAULT_STEPS if case == "salora_default" else 8}
+    assert {r["steps"] for r in results} == {one["steps"]} == {DEFAULT_STEPS if case == "salora_schedule" else 8}
     assert all(r["state"].keys() == one["state"].keys() for r in results)
     for key, value in r0["state"].items():
         assert all(torch.equal(value, r["state"][key]) for r in results), f"{key} differs between ranks"
@@ -97,8 +97,8 @@ def _check(runs, name: str, case: str, ranks: int = 2) -> dict:
     return r0
 
 
-@pytest.mark.parametrize("engine, case", [(e, c) for e in ("fsdp2", "fsdp1") for c in [*CASES, "salora_default"]] + [
-    ("fsdp1_grad_op", "salora"), ("fsdp1_grad_op", "delta_in_place"), ("fsdp1_grad_op", "salora_default")])
+@pytest.mark.parametrize("engine, case", [(e, c) for e in ("fsdp2", "fsdp1") for c in [*CASES, "salora_schedule"]] + [
+    ("fsdp1_grad_op", "salora"), ("fsdp1_grad_op", "delta_in_place"), ("fsdp1_grad_op", "salora_schedule")])
 def test_sharded_training_equals_one_process(runs, engine, case):
     r0 = _check(runs, f"{engine}-{case}", case)
     # The comparison means something only if the method's own state moved during the run.
@@ -106,7 +106,7 @@ def test_sharded_training_equals_one_process(runs, engine, case):
     pick = lambda part: _pick(state, part)  # noqa: E731
     loss_reads = [log["collectives/loss"] for log in logs]
     assert set(loss_reads) == ({1} if engine == "fsdp2" and case.startswith("salora") else {0}), loss_reads
-    if case == "salora_default":
+    if case == "salora_schedule":
         _check_default_salora(state, logs, engine)
     elif case == "salora":
         assert all(float(v[0]) > 0 for v in pick(".lora_salora_lambda.")), "λ never ascended"
@@ -153,12 +153,12 @@ def test_one_all_gather_reads_many_unevenly_sharded_tensors(runs, engine):
 
 
 @pytest.mark.parametrize("engine, case", [(e, c) for e in ("fsdp2_hsdp", "fsdp1_hybrid")
-                                          for c in ("salora_default", "delta_in_place")])
+                                          for c in ("salora_schedule", "delta_in_place")])
 def test_hybrid_sharding_on_four_ranks_equals_one_process(hybrid_runs, engine, case):
     """2 replicas of a 2-way sharding (FSDP2 on a 2 × 2 mesh, FSDP1 HYBRID_SHARD): gathers read each
     element from one of the ranks that hold it, and the sharded writes land on every replica."""
     logs = _check(hybrid_runs, f"{engine}-{case}", case, ranks=4)["logs"]
-    if case == "salora_default":
+    if case == "salora_schedule":
         c = logs[DEFAULT_WINDOW[1] - 1]["salora/expected_density"]
         assert abs(c - 0.5) <= 0.02, f"C = {c:.4f} at the window's end, b = 0.5"
     else:
