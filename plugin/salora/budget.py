@@ -233,10 +233,11 @@ class ScheduleBudget:
             la = (la - threshold).mul_(factor).add_(threshold)
             la, _ = self._land(la, target)  # part of the sharpening, not of the multiplier's work
         if sharded:
-            return self._write_local(la, whole=True)
-        sizes = self.c.sampler.sizes
-        parts = la.view(len(sizes), sizes[0]).unbind(0) if self.c.sampler.same_rank else la.split(sizes)
-        torch._foreach_copy_([a.log_alpha.data for a in self.c.axes], list(parts))
+            self._write_local(la, whole=True)
+        else:
+            sizes = self.c.sampler.sizes
+            parts = la.view(len(sizes), sizes[0]).unbind(0) if self.c.sampler.same_rank else la.split(sizes)
+            torch._foreach_copy_([a.log_alpha.data for a in self.c.axes], list(parts))
         sharding.written([a.log_alpha for a in self.c.axes])  # DeepSpeed's fp32 master copies too
 
     def _land(self, la: torch.Tensor, target: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -135,11 +135,9 @@ class SaLoRAController(Controller):
         in one call, one collective when they must be gathered (core/sharding.py)."""
         names = (["lora_A", "lora_B"] if factors else []) + (["lora_gate_logits"] if logits else [])
         values = sharding.whole_many([(a.layer, name, self.adapter) for name in names for a in self.axes])
-        k = len(self.axes)
-        parts = [values[i * k:(i + 1) * k] for i in range(len(names))]
-        if not factors:
-            parts = [[], [], *parts]
-        return parts[0], parts[1], parts[2] if logits else []
+        k = len(self.axes)  # `values` is [A…, B…] if factors, then [logits…] if logits
+        return (values[:k] if factors else [], values[k:2 * k] if factors else [],
+                values[len(values) - k:] if logits else [])
 
     def factors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(A_i for every layer, B_i for every layer), whole (see `read`)."""
